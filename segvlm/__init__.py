@@ -1,0 +1,1 @@
+"""SegVLM model library."""
