@@ -70,12 +70,22 @@ class DecoderConfig:
     norm: str = "group"  # registry name in segvlm.layers.create_norm
     act: str = "gelu"  # registry name in segvlm.layers.create_act
     stem_skip: bool = False  # add the conv stem's 1/4-resolution features into the upsampler
+    # CLIPSeg's head: conv3x3 → ReLU → ConvT → ReLU → ConvT (CIDAS/clipseg-rd64-refined); False = the
+    # single ConvT(D → 1, kernel = stride = patch) of HF's default use_complex_transposed_convolution=False
+    complex_transposed_convolution: bool = True
+    deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"
 
     def validate(self) -> None:
         if self.reduce_dim % self.num_heads:
             raise ConfigError(f"decoder.reduce_dim {self.reduce_dim} not divisible by num_heads {self.num_heads}")
         if self.se_reduction < 1:
             raise ConfigError("decoder.se_reduction must be >= 1")
+        if self.cross_attention and self.reduce_dim % 4:
+            raise ConfigError(f"decoder.cross_attention needs reduce_dim divisible by 4 (2-D sin-cos), got {self.reduce_dim}")
+        if self.stem_skip and not self.complex_transposed_convolution:
+            raise ConfigError("decoder.stem_skip needs complex_transposed_convolution (it joins after the first ConvT)")
+        if self.deform_impl not in ("auto", "native", "torchvision"):
+            raise ConfigError(f"decoder.deform_impl must be 'auto', 'native' or 'torchvision', got {self.deform_impl!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,3 +281,108 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# ------------------------------------------------------------------------------ experiment (training)
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how the loaders read them (``pipeline.loader``)."""
+
+    train_shards: str = ""  # folder or URI written by `segvlm prepare` (with manifest.parquet)
+    val_shards: str = ""  # empty: no validation
+    train_split: str = "train"
+    val_split: str = "val"
+    negative_rate: float = 0.2
+    phrase_type_balance: bool = False
+    num_workers: int = 1  # DataLoader workers per training worker
+    shuffle_buffer: int = 1000
+
+    def validate(self) -> None:
+        if not 0 <= self.negative_rate < 1:
+            raise ConfigError(f"data.negative_rate must lie in [0, 1), got {self.negative_rate}")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + linear warm-up + cosine decay (CLIPSeg: lr 1e-3 → 1e-4, batch 64, 20k iterations)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 500
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training run: steps, batch, distribution, validation and checkpoint cadence."""
+
+    steps: int = 20000
+    batch_size: int = 64  # global batch per optimizer step, split over workers and accumulation
+    grad_accum: int = 1
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, float32 on CPU | "bf16" | "fp32"
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # per worker; 0 = cpus_per_worker
+    val_every: int = 1000
+    val_max_tasks: int = 0  # 0 = the whole validation split
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2  # best k by validation mean IoU
+    max_failures: int = 2
+    log_every: int = 20
+    overlays: int = 8  # prediction overlays logged per validation
+    time_budget_s: float = 0.0  # > 0: stop (and run the final validation) after this many seconds
+    run_name: str = ""  # Ray Train run name; rerunning with the same name resumes
+    storage_path: str = ""  # Ray Train storage (checkpoints); "" = <workdir>/ray_results
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0 or self.num_workers <= 0:
+            raise ConfigError("train.steps, batch_size, grad_accum and num_workers must be positive")
+        if self.batch_size % (self.num_workers * self.grad_accum):
+            raise ConfigError(
+                f"train.batch_size {self.batch_size} must be divisible by num_workers × grad_accum "
+                f"= {self.num_workers * self.grad_accum}"
+            )
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.val_every <= 0 or self.ckpt_every <= 0 or self.log_every <= 0:
+            raise ConfigError("train.val_every, ckpt_every and log_every must be positive")
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per worker per forward pass."""
+        return self.batch_size // (self.num_workers * self.grad_accum)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: rank 0 logs, other ranks do nothing."""
+
+    uri: str = ""  # "" = sqlite:///<workdir>/mlflow.db with artifacts in <workdir>/mlartifacts
+    experiment: str = "segvlm"
+    registered_model: str = "segvlm"  # the best checkpoint is registered under this name with alias "best"
+    system_metrics: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs; the YAML presets in configs/ are files of this shape."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    workdir: str = "runs"  # local folder for the MLflow store, Ray results and reports

@@ -49,3 +49,17 @@ def mask_area_fraction(instances: Sequence[InstancePolygons], width: int, height
     if not instances:
         return 0.0
     return float(rasterize_polygons(instances, width, height).mean())
+
+
+def polygons_at_original_size(
+    instances: Sequence[InstancePolygons], width: int, height: int, orig_width: int, orig_height: int
+) -> list[list[list[list[float]]]]:
+    """Polygons of a stored image (``width × height``, e.g. after ``--max-side``) in original-image pixels.
+
+    The official ground truth is drawn at the original size; rounding to 1e-4 px keeps the int cast of
+    PhraseCut's rasteriser stable against float noise (``99.99999`` must not become ``99``).
+    """
+    if (orig_width, orig_height) == (width, height):
+        return [[[list(map(float, p)) for p in polygon] for polygon in inst] for inst in instances]
+    sx, sy = orig_width / width, orig_height / height
+    return [[[[round(x * sx, 4), round(y * sy, 4)] for x, y in polygon] for polygon in inst] for inst in instances]

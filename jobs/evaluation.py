@@ -1,0 +1,194 @@
+"""Evaluation shared by validation during training and ``segvlm eval``.
+
+``evaluate`` runs a model over an evaluation loader (every task once across ranks), accumulates the metric
+sums of SPEC 6 and, optionally, writes one binary PNG per task at the original image size (the layout the
+PhraseCut evaluator reads) and collects overlays. It does no collective operation inside the loop, since
+ranks may hold different numbers of batches; ``EvalResult.all_reduce`` merges the sums afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segvlm.inference import overlay, probabilities_to_size
+from segvlm.masks import polygons_at_original_size, rasterize_polygons
+from segvlm.metrics import EvalMetrics, format_markdown_table
+from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: EvalMetrics
+    overlays: list[tuple[str, Image.Image]]  # (task_id, picture)
+
+    def all_reduce(self) -> EvalMetrics:
+        """Sum the metric state over all ranks (one all-reduce) and return the merged metrics."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            vector = torch.from_numpy(self.metrics.to_vector())
+            dist.all_reduce(vector)
+            self.metrics.from_vector(vector)
+        return self.metrics
+
+
+def _denormalize(pixels: torch.Tensor) -> Image.Image:
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    array = ((pixels.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def comparison_picture(image: Image.Image, gt: np.ndarray, pred: np.ndarray, phrase: str) -> Image.Image:
+    """Ground truth and prediction overlays side by side, each captioned."""
+    left = overlay(image, gt, f"GT: {phrase}")
+    right = overlay(image, pred, f"pred: {phrase}")
+    canvas = Image.new("RGB", (left.width + right.width + 4, max(left.height, right.height)), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 4, 0))
+    return canvas
+
+
+def write_png_atomic(mask: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    *,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    threshold: float = 0.5,
+    overlays: int = 0,
+    max_tasks: int = 0,
+    official_dir: str | Path | None = None,
+) -> EvalResult:
+    """Score every task the loader yields.
+
+    Official metrics and boundary F use the probabilities resized to the original image size and thresholded
+    at ``threshold``; the CLIPSeg protocol uses the probabilities at the model's resolution. Tasks of kind
+    ``negative`` (empty target) are counted apart (``official/negative/*``): PhraseCut has none, and the
+    official IoU would score every one of them 0 whatever the prediction.
+    """
+    device = torch.device(device)
+    result = EvalResult(metrics=EvalMetrics(), overlays=[])
+    out_dir = Path(official_dir) if official_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    for batch in loader:
+        with autocast():
+            logits = model(
+                batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )
+        logits = logits.float().cpu()  # B×1×S×S
+        probabilities = torch.sigmoid(logits)[:, 0]
+        model_masks = batch["masks"][:, 0] > 0.5
+        for i, task_id in enumerate(batch["task_id"]):
+            height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
+            pred = (probabilities_to_size(logits[i, 0], height, width) > threshold).numpy()
+            if out_dir is not None:
+                write_png_atomic(pred, out_dir / f"{task_id}.png")
+            # the official ground truth: polygons (original-image pixels) rasterised at the original size
+            gt = rasterize_polygons(batch["polygons"][i], width, height).astype(bool)
+            if batch["kind"][i] == "negative":  # empty target: scored apart (official/negative/*), see EvalMetrics
+                result.metrics.official.update(pred, gt, phrase_type=None, num_instances=0, negative=True)
+                continue
+            result.metrics.update(
+                pred,
+                gt,
+                phrase_type=batch["phrase_type"][i],
+                num_instances=int(batch["num_instances"][i]),
+                negative=False,
+                prob=probabilities[i],
+                prob_gt=model_masks[i],
+            )
+            if len(result.overlays) < overlays:
+                image = _denormalize(batch["pixel_values"][i]).resize((width, height))
+                result.overlays.append((task_id, comparison_picture(image, gt, pred, batch["phrase"][i])))
+            seen += 1
+        if max_tasks and seen >= max_tasks:
+            break
+    model.train(was_training)
+    return result
+
+
+def log_evaluation(logger: Any, result: EvalResult, summary: dict[str, float], *, step: int, prefix: str) -> None:
+    """Rank 0: every metric (``{prefix}/official/mean_iou`` …), overlays with a step slider, PR figure."""
+    if not logger.enabled:
+        return
+    logger.log_metrics({f"{prefix}/{k}": v for k, v in summary.items()}, step=step)
+    for index, (task_id, picture) in enumerate(result.overlays):
+        logger.log_image(picture, key=f"{prefix}_overlay_{index}", step=step)
+    logger.log_figure(pr_figure(result.metrics), f"{prefix}/pr_curve_step{step:07d}.png")
+    logger.log_dict(summary, f"{prefix}/report_step{step:07d}.json")
+
+
+def pr_figure(metrics: EvalMetrics) -> Any:
+    """The pixel precision-recall curve of the CLIPSeg protocol (49 thresholds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = metrics.clipseg.pr_curve()
+    precision, recall = curve["precision"], curve["recall"]
+    figure, axis = plt.subplots(figsize=(4, 4))
+    axis.plot(recall, precision, marker=".")
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_title("pixel precision-recall (CLIPSeg protocol)")
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def report_markdown(summary: dict[str, float]) -> str:
+    return format_markdown_table(summary)
+
+
+def score_official_pngs(pred_dir: str | Path, shards: str | Path, *, split: str | None = None) -> dict[str, float]:
+    """Recompute the official metrics from ``{task_id}.png`` files, as the PhraseCut evaluator does.
+
+    The evaluator's recipe: read each prediction PNG (non-zero = foreground) at the original image size,
+    rasterise the task's polygons at that size (``segvlm.masks``), accumulate I and U per task. Tasks without
+    a PNG count as empty predictions. Used by the tests to prove ``report.json`` equals it.
+    """
+    from pipeline.shards import iter_shard_set
+    from segvlm.metrics import PhraseCutMetrics
+
+    metrics = PhraseCutMetrics()
+    for record, _ in iter_shard_set(shards, split):
+        width, height = int(record.orig_width), int(record.orig_height)
+        for task in record.tasks:
+            png = Path(pred_dir) / f"{task.task_id}.png"
+            if png.exists():
+                with Image.open(png) as picture:
+                    pred = np.asarray(picture.convert("L")) > 0
+            else:
+                pred = np.zeros((height, width), dtype=bool)
+            polygons = polygons_at_original_size(task.polygons or [], record.width, record.height, width, height)
+            gt = rasterize_polygons(polygons, width, height).astype(bool)
+            negative = task.kind == "negative"
+            metrics.update(
+                pred, gt, phrase_type=None if negative else task.phrase_type,
+                num_instances=0 if negative else task.num_instances, negative=negative,
+            )
+    return metrics.compute()

@@ -1,0 +1,99 @@
+"""Shard PhraseCut (or synthetic scenes) into WebDataset tars with a manifest, on Ray.
+
+Launch::
+
+    segvlm prepare --source phrasecut --root data/phrasecut --split train --out shards/train
+    segvlm prepare --source scenes --root data/scenes --split train --out s3://bucket/segvlm/train \\
+        --max-side 640 --shard-samples 500 --synthetic-prompts --prompt-rates template=1 negative=0.2 \\
+        --ray-address auto
+    # or on a cluster: ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.prepare ...
+
+Without ``--ray-address`` a local Ray instance is started (all local CPUs, or ``--num-cpus``). Rerunning the
+same command after a crash resumes: finished shards are kept, the rest are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.prepare import DEFAULT_SHARD_SAMPLES, SOURCES, PrepareConfig, run_prepare
+
+# Testing/chaos hook (comma-separated shard indices whose task crashes mid-write); see PrepareConfig.
+CRASH_ENV = "SEGVLM_PREPARE_CRASH_SHARDS"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="segvlm prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=SOURCES, required=True)
+    parser.add_argument("--root", required=True, help="folder in the PhraseCut layout")
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--out", required=True, help="output folder or URI (s3://, gs://, memory://, ...)")
+    parser.add_argument("--max-side", type=int, default=None, help="cap the longer image side (re-encodes)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--shard-samples", type=int, default=None, help=f"images per shard ({DEFAULT_SHARD_SAMPLES})"
+    )
+    size.add_argument("--shard-bytes", type=int, default=None, help="source image bytes per shard (estimate)")
+    parser.add_argument("--synthetic-prompts", action="store_true", help="add generated prompts (SPEC 3.3)")
+    parser.add_argument(
+        "--prompt-rates", nargs="*", default=[], metavar="KIND=R", help="prompts per task and kind"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ray-address", default=None, help="'auto', 'ray://host:10001'; default: local instance"
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local instance")
+    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    rates = None
+    if args.synthetic_prompts:
+        from pipeline.prompts import parse_rates
+
+        rates = parse_rates(args.prompt_rates)
+    elif args.prompt_rates:
+        raise SystemExit("--prompt-rates needs --synthetic-prompts")
+    crash = tuple(int(i) for i in os.environ.get(CRASH_ENV, "").split(",") if i.strip())
+    return PrepareConfig(
+        source=args.source,
+        root=args.root,
+        split=args.split,
+        out=args.out,
+        max_side=args.max_side,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        synthetic_prompts=args.synthetic_prompts,
+        prompt_rates=rates,
+        seed=args.seed,
+        progress_every=args.progress_every,
+        crash_shards=crash,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Shard a PhraseCut-layout folder into WebDataset tars + manifest (Ray Data)."""
+    args = parse_args(argv)
+    config = config_from_args(args)
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if args.ray_address:
+            ray.init(address=args.ray_address)
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        cpus = ray.cluster_resources().get("CPU")
+        run_prepare(config, cpus=cpus)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""MLflow tracking for segvlm runs: one small logger object that does nothing on ranks other than 0.
+
+Local default store: ``sqlite:///<workdir>/mlflow.db`` with artifacts in ``<workdir>/mlartifacts`` (MLflow 3
+refuses a plain ``./mlruns`` file store, and a sqlite store without an experiment ``artifact_location`` drops
+artifacts into ``<cwd>/mlruns``). On a cluster, pass ``--tracking-uri http://127.0.0.1:5000`` (the head's
+server, reached through port forwarding).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def resolve_tracking_uri(uri: str, workdir: str | Path) -> str:
+    """``""`` → the local sqlite store under ``workdir``; anything else is used as given."""
+    if uri:
+        return uri
+    path = Path(workdir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def artifact_root(tracking_uri: str, workdir: str | Path) -> str | None:
+    """Artifact location for new experiments: a local folder for a sqlite store, the server's default otherwise."""
+    if tracking_uri.startswith("sqlite:"):
+        return (Path(workdir).resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def get_or_create_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_root(tracking_uri, workdir))
+
+
+class RunLogger:
+    """Rank-0 MLflow logger. Every method is a no-op when ``enabled`` is False (other ranks, or no tracking).
+
+    ``start()`` creates a run or re-opens ``run_id`` (a resumed training run appends to the same MLflow run).
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        tracking_uri: str = "",
+        experiment: str = "segvlm",
+        workdir: str | Path = "runs",
+        run_id: str | None = None,
+        run_name: str | None = None,
+        system_metrics: bool = False,
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, workdir) if enabled else tracking_uri
+        self.experiment = experiment
+        self.workdir = workdir
+        self.run_id = run_id
+        self.run_name = run_name
+        self.system_metrics = system_metrics
+        self.tags = dict(tags or {})
+        self.parent_run_id = parent_run_id
+        self._active = False
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> str | None:
+        if not self.enabled:
+            return self.run_id
+        import mlflow
+
+        experiment_id = get_or_create_experiment(self.tracking_uri, self.experiment, self.workdir)
+        if self.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(10)
+        run = mlflow.start_run(
+            run_id=self.run_id,
+            experiment_id=None if self.run_id else experiment_id,
+            run_name=None if self.run_id else self.run_name,
+            tags=self.tags or None,
+            log_system_metrics=self.system_metrics,
+            parent_run_id=self.parent_run_id,
+            nested=self.parent_run_id is not None,
+        )
+        self.run_id = run.info.run_id
+        self._active = True
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._active:
+            import mlflow
+
+            mlflow.end_run(status=status)
+            self._active = False
+
+    def __enter__(self) -> RunLogger:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type else "FINISHED")
+
+    # ------------------------------------------------------------------------------------------ logging
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        # MLflow rejects re-logging a param with a different value, which a resumed run may do: skip those.
+        existing = mlflow.get_run(self.run_id).data.params if self.run_id else {}
+        fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
+        if fresh:
+            mlflow.log_params(fresh)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        import mlflow
+
+        clean = {_metric_key(k): float(v) for k, v in metrics.items() if v is not None}
+        mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image under ``key`` at ``step``: the MLflow UI shows a step slider for it."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_image(image, key=key, step=step)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_figure(figure, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_text(text, artifact_file)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_dict(dict(data), artifact_file)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.log_artifacts(str(local_dir), artifact_path)
+
+    def log_checkpoint_model(self, checkpoint_dir: str | Path, registered_name: str, alias: str = "best") -> str | None:
+        """Log a segvlm checkpoint as an MLflow pyfunc model and register it with ``alias``.
+
+        The weights travel as the checkpoint's safetensors file (no pickled tensors); the pyfunc wrapper
+        loads them with ``segvlm.checkpoint.load_checkpoint``.
+        """
+        if not self.enabled:
+            return None
+        import mlflow
+        from mlflow import MlflowClient
+
+        from jobs.pyfunc_model import SegVLMPyFunc
+
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=SegVLMPyFunc(),
+            artifacts={"checkpoint": str(checkpoint_dir)},
+            pip_requirements=["segvlm"],
+        )
+        version = mlflow.register_model(info.model_uri, registered_name)
+        MlflowClient(self.tracking_uri).set_registered_model_alias(registered_name, alias, version.version)
+        return version.version
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . space / : ; '@' is not among them.
+    return key.replace("@", "_at_")
+
+
+def figure_to_png(figure: Any) -> bytes:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def temp_dir(prefix: str = "segvlm-") -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=prefix)

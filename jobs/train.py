@@ -1,0 +1,144 @@
+"""``segvlm train``: distributed SegVLM training on Ray Train with MLflow tracking.
+
+Launch::
+
+    segvlm train --config configs/demo.yaml data.train_shards=runs/demo/shards/train train.steps=2000
+    segvlm train --config configs/phrasecut_b16.yaml --ray-address auto --tracking-uri http://127.0.0.1:5000
+
+Rerunning the same command with the same ``train.run_name`` and ``train.storage_path`` after the driver died
+resumes from the last checkpoint, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.common import git_commit, init_ray, quiet_environment
+from segvlm.config import ExperimentConfig, load_config, to_dict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segvlm train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=500")
+    parser.add_argument("--workdir", help="local folder for the MLflow store, Ray results and the best checkpoint")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in workdir)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' on a cluster node)")
+    return parser
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    *,
+    tracking_uri: str | None = None,
+    ray_address: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) one training run and return ``{run_id, best_checkpoint, best_score, steps, seconds}``.
+
+    The best checkpoint (by validation mean IoU) is copied to ``<workdir>/<run_name>/best`` (a segvlm
+    checkpoint folder) and registered in MLflow with the alias ``best``.
+    """
+    quiet_environment()
+    init_ray(ray_address)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.tracking import RunLogger, resolve_tracking_uri
+    from jobs.train_loop import FAIL_ENV, MODEL_DIR, SCORE_KEY, TRAIN_STATE, train_loop_per_worker
+    from pipeline.manifest import manifest_hash
+
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_name = cfg.train.run_name or time.strftime("segvlm-%Y%m%d-%H%M%S")
+    storage = cfg.train.storage_path or str(workdir / "ray_results")
+    cfg = dataclasses.replace(
+        cfg, workdir=str(workdir), train=dataclasses.replace(cfg.train, run_name=run_name, storage_path=storage)
+    )
+    tracking = resolve_tracking_uri(tracking_uri if tracking_uri is not None else cfg.tracking.uri, workdir)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": to_dict(cfg),
+            "tracking_uri": tracking,
+            "parent_run_id": parent_run_id,
+            "git_commit": git_commit(Path(__file__).parent),
+            "train_manifest_hash": manifest_hash(cfg.data.train_shards),
+            "val_manifest_hash": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "",
+            "fail_at": os.environ.get(FAIL_ENV),
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=SCORE_KEY,
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    if result.error:
+        raise result.error
+
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get(SCORE_KEY, -1.0))
+    best_dir = workdir / run_name / "best"
+    with best_checkpoint.as_directory() as ckpt_dir:
+        import torch
+
+        state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
+        tmp = best_dir.with_name("best.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(ckpt_dir) / MODEL_DIR, tmp)
+        shutil.rmtree(best_dir, ignore_errors=True)
+        tmp.rename(best_dir)
+
+    run_id = state["run_id"]
+    logger = RunLogger(enabled=True, tracking_uri=tracking, experiment=cfg.tracking.experiment, workdir=workdir, run_id=run_id)
+    with logger:
+        version = logger.log_checkpoint_model(best_dir, cfg.tracking.registered_model, alias="best")
+        logger.set_tags({"best_step": best_metrics.get("step"), "best_checkpoint": str(best_dir)})
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "tracking_uri": tracking,
+        "best_checkpoint": str(best_dir),
+        "best_score": float(best_metrics.get(SCORE_KEY, -1.0)),
+        "best_step": int(best_metrics.get("step", 0)),
+        "registered_version": version,
+        "steps": int(state["step"]),
+        "seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    if not cfg.data.train_shards:
+        raise SystemExit("segvlm train: data.train_shards is empty; run `segvlm prepare` first and pass its folder")
+    out = run_training(cfg, tracking_uri=args.tracking_uri, ray_address=args.ray_address)
+    print(
+        f"\nrun {out['run_name']} finished: {out['steps']} steps in {out['seconds']:.0f} s; best validation mean IoU "
+        f"{out['best_score']:.4f} at step {out['best_step']}\n"
+        f"best checkpoint: {out['best_checkpoint']}\nMLflow run: {out['run_id']} ({out['tracking_uri']})"
+    )
+    return 0

@@ -1,0 +1,310 @@
+"""The Ray Train worker loop: one function every worker runs (``train_loop_per_worker``).
+
+Each worker builds SegVLM from the registry, wraps it for DDP, reads its share of the shards through the
+training loader (same number of batches on every rank), and trains with the RAF loss. Rank 0 logs to MLflow
+through ``RunLogger``; every other rank gets a disabled logger. Checkpoints hold our model checkpoint
+(``model/``) plus the optimizer state, the step and the MLflow run id (``train_state.pt``), so a run resumed
+by ``FailureConfig`` or by rerunning the driver continues the same step count, schedule and MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from jobs.evaluation import evaluate, log_evaluation
+from jobs.tracking import RunLogger
+from pipeline.loader import make_eval_loader, make_train_loader
+from pipeline.progress import Progress
+from segvlm.checkpoint import load_weights, save_checkpoint
+from segvlm.config import ExperimentConfig, OptimConfig, flatten, from_dict, to_yaml
+from segvlm.losses import RAFLoss
+from segvlm.registry import build_model
+
+TRAIN_STATE = "train_state.pt"
+MODEL_DIR = "model"
+SCORE_KEY = "val_mean_iou"  # CheckpointConfig.checkpoint_score_attribute
+CALIBRATION_STEPS = 20  # steps timed before a time budget fixes the run's length
+FAIL_ENV = "SEGVLM_FAIL_AT_STEP"  # fault injection for tests: "STEP:RANK:MARKER_FILE", read by the driver
+
+
+def learning_rate(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``min_lr`` at ``total_steps`` (step is 0-based)."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on GPU (``auto`` or ``bf16``), float32 on CPU unless ``bf16`` is forced."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases, norms, gates and embeddings (1-d parameters)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+
+
+def _all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1 or not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
+
+
+def _agree_stop(stop: bool, world: int) -> bool:
+    """Every rank must stop at the same step or ``ray.train.report`` (a barrier) hangs."""
+    if world == 1 or not dist.is_initialized():
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _fit_steps_to_budget(train: Any, step: int, elapsed: float, world: int) -> int:
+    """Total steps that fit ``train.time_budget_s`` at the pace of the last ``CALIBRATION_STEPS`` steps
+    (slowest rank), so the cosine schedule ends when the budget does. Every rank gets the same answer."""
+    seconds_per_step = elapsed / CALIBRATION_STEPS
+    if world > 1 and dist.is_initialized():
+        pace = torch.tensor([seconds_per_step], dtype=torch.float64)
+        dist.all_reduce(pace, op=dist.ReduceOp.MAX)
+        seconds_per_step = float(pace.item())
+    fits = step + int(max(0.0, train.time_budget_s - elapsed) / seconds_per_step)
+    return max(step + 1, min(train.steps, fits))
+
+
+def _maybe_inject_failure(spec: str | None, step: int, rank: int) -> None:
+    if not spec:
+        return
+    fail_step, fail_rank, marker = spec.split(":", 2)
+    if step == int(fail_step) and rank == int(fail_rank) and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+        # Ray Train's controller collects reports when it polls the workers (every 2 s); a checkpoint
+        # reported less than one poll before a crash can be lost. Wait two polls so the test is deterministic.
+        time.sleep(5)
+        os._exit(1)  # a hard kill, as a lost node or an OOM would do: no cleanup, no exception
+
+
+def _save_train_checkpoint(
+    directory: Path, model: torch.nn.Module, cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    save_checkpoint(model, cfg.model, directory / MODEL_DIR, extra={"step": state["step"], "run_id": state["run_id"]})
+    torch.save({"optimizer": optimizer.state_dict(), **state}, directory / TRAIN_STATE)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(ExperimentConfig, loop_config["experiment"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    seed_everything(cfg.train.seed * 1009 + rank)
+
+    model = build_model(cfg.model)
+    optimizer = make_optimizer(model, cfg.optim)
+    state: dict[str, Any] = {
+        "step": 0,
+        "samples": 0,
+        "total_steps": cfg.train.steps,  # cut to what fits train.time_budget_s once the step time is measured
+        "run_id": loop_config.get("run_id"),
+        "best": -1.0,
+    }
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            load_weights(model, Path(ckpt_dir) / MODEL_DIR)
+            saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        state.update({k: saved[k] for k in state if k in saved})
+        if rank == 0:
+            print(f"[segvlm] resumed from step {state['step']} (MLflow run {state['run_id']})", flush=True)
+
+    model = ray.train.torch.prepare_model(model, move_to_device=device.type == "cuda")
+    core = model.module if hasattr(model, "module") else model
+    tokenize = core.backbone.tokenize
+    image_size = cfg.model.backbone.image_size
+
+    logger = RunLogger(
+        enabled=rank == 0,
+        tracking_uri=loop_config["tracking_uri"],
+        experiment=cfg.tracking.experiment,
+        workdir=cfg.workdir,
+        run_id=state["run_id"],
+        run_name=cfg.train.run_name or None,
+        system_metrics=cfg.tracking.system_metrics,
+        parent_run_id=loop_config.get("parent_run_id"),
+    )
+    state["run_id"] = logger.start()
+    if rank == 0 and state["step"] == 0:
+        counts = core.num_parameters()
+        logger.log_params(
+            {
+                **flatten(cfg),
+                "git_commit": loop_config.get("git_commit", "unknown"),
+                "data.train_manifest_hash": loop_config.get("train_manifest_hash", ""),
+                "data.val_manifest_hash": loop_config.get("val_manifest_hash", ""),
+                "world_size": world,
+                "params.total": counts["total"],
+                "params.trainable": counts["trainable"],
+            }
+        )
+        logger.log_text(to_yaml(cfg), "config.yaml")
+
+    train_loader, _ = make_train_loader(
+        cfg.data.train_shards,
+        split=cfg.data.train_split,
+        batch_size=cfg.train.micro_batch,
+        image_size=image_size,
+        tokenizer=tokenize,
+        negative_rate=cfg.data.negative_rate,
+        phrase_type_balance=cfg.data.phrase_type_balance,
+        seed=cfg.train.seed + 7919 * state["step"],  # a resumed run does not replay the batches it saw
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    batches = iter(train_loader)
+    loss_fn = RAFLoss(cfg.loss)
+    accum = cfg.train.grad_accum
+    trainable = [p for p in core.parameters() if p.requires_grad]
+    progress = Progress(cfg.train.steps - state["step"], label="train", unit="steps", every=10.0) if rank == 0 else None
+    window: dict[str, float] = defaultdict(float)
+    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+    run_start = time.perf_counter()
+    last_score = float("nan")
+
+    model.train()
+    # a resumed run keeps the length its first attempt measured (total_steps lives in the checkpoint)
+    needs_calibration = cfg.train.time_budget_s > 0 and state["total_steps"] == cfg.train.steps
+    calibrate_at = state["step"] + CALIBRATION_STEPS if needs_calibration else -1
+    while state["step"] < state["total_steps"]:
+        step = state["step"]
+        _maybe_inject_failure(loop_config.get("fail_at"), step, rank)
+        if step == calibrate_at:
+            state["total_steps"] = _fit_steps_to_budget(cfg.train, step, time.perf_counter() - run_start, world)
+            if rank == 0:
+                print(f"[segvlm] time budget {cfg.train.time_budget_s:.0f} s: training for {state['total_steps']} steps")
+        lr = learning_rate(step, cfg.optim, state["total_steps"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            window_wait += time.perf_counter() - wait_start
+            sync = model.no_sync() if (hasattr(model, "no_sync") and micro < accum - 1) else nullcontext()
+            with sync:
+                with autocast_for(cfg.train.precision, device):
+                    logits = model(
+                        batch["pixel_values"].to(device, non_blocking=True),
+                        batch["input_ids"].to(device, non_blocking=True),
+                        batch["attention_mask"].to(device, non_blocking=True),
+                    )
+                terms = loss_fn(logits, batch["masks"].to(device, non_blocking=True))
+                (terms["loss"] / accum).backward()
+            for name, value in terms.items():
+                window[name] += float(value.detach()) / accum
+        if cfg.optim.grad_clip > 0:
+            window["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+        optimizer.step()
+        state["step"] += 1
+        state["samples"] += cfg.train.batch_size
+        window_steps += 1
+
+        done = state["step"] >= state["total_steps"]
+        if state["step"] % cfg.train.log_every == 0 or done:
+            elapsed = time.perf_counter() - window_start
+            means = _all_reduce_mean({k: v / window_steps for k, v in window.items()}, world)
+            samples_per_s = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
+            wait_share = _all_reduce_mean({"w": window_wait / max(elapsed, 1e-9)}, world)["w"]
+            metrics = {f"train/{k}": v for k, v in means.items()}
+            metrics |= {"train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait_share}
+            logger.log_metrics(metrics, step=state["step"])
+            if progress is not None:
+                terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "grad_norm")
+                progress.update(window_steps, loss=terms_text, samples_per_s=f"{samples_per_s:.1f}", data_wait=f"{wait_share:.0%}")
+            window.clear()
+            window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+
+        validate_now = bool(cfg.data.val_shards) and (state["step"] % cfg.train.val_every == 0 or done)
+        if validate_now:
+            val_loader = make_eval_loader(
+                cfg.data.val_shards,
+                split=cfg.data.val_split,
+                batch_size=cfg.train.micro_batch,
+                image_size=image_size,
+                tokenizer=tokenize,
+                rank=rank,
+                world_size=world,
+                num_workers=0,
+            )
+            model.eval()
+            result = evaluate(
+                core,
+                val_loader,
+                device=device,
+                autocast=lambda: autocast_for(cfg.train.precision, device),
+                overlays=cfg.train.overlays if rank == 0 else 0,
+                max_tasks=cfg.train.val_max_tasks,
+            )
+            model.train()
+            summary = result.all_reduce().compute()
+            last_score = summary["official/mean_iou"]
+            state["best"] = max(state["best"], last_score)
+            log_evaluation(logger, result, summary, step=state["step"], prefix="val")
+            if rank == 0:
+                print(
+                    f"[segvlm] step {state['step']} validation: mean IoU {summary['official/mean_iou']:.4f} "
+                    f"cum IoU {summary['official/cum_iou']:.4f} ({int(summary['official/count'])} tasks)",
+                    flush=True,
+                )
+
+        if state["step"] % cfg.train.ckpt_every == 0 or done:
+            report = {"step": state["step"], SCORE_KEY: last_score if not math.isnan(last_score) else -1.0}
+            with tempfile.TemporaryDirectory(prefix="segvlm-ckpt-") as tmp:
+                ckpt = None
+                if rank == 0:
+                    _save_train_checkpoint(Path(tmp), core, cfg, optimizer, state)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"step-{state['step']:07d}")
+        if done:
+            break
+
+    if progress is not None:
+        progress.close()
+    logger.log_metrics({"train/seconds": time.perf_counter() - run_start}, step=state["step"])
+    logger.end()

@@ -1,0 +1,662 @@
+"""WebDataset loaders for training and evaluation (open_clip's ``get_wds_dataset`` is the model).
+
+Shards hold one sample per image (SPEC 3.2): ``jpg`` bytes and ``json`` = ``ImageRecord.to_json()``. Both
+loaders read only those two members — ``select_files`` drops every other tar member *before it is read*,
+so nothing is ever unpickled or handed to webdataset's auto-decoders — and expand each image into one
+item per task, decoding the JPEG once per image.
+
+Training (``make_train_loader``)
+    ``resampled`` shards (drawn with replacement, per rank and loader worker, seeded) → image-level shuffle
+    of the raw samples → optional phrase-type balancing → negatives mixed in at ``negative_rate`` →
+    CLIPSeg augmentation (random square crop keeping ≥ 5% of the object, resize, no flip) → task-level
+    shuffle → batches. The stream is endless, and every rank takes exactly ``steps_per_epoch`` batches
+    from it (split over its loader workers), so all ranks run the same number of steps however uneven the
+    shards are (SPEC 7: unequal batch counts hang DDP). Without ``steps_per_epoch``/``samples_per_epoch``
+    the loader is infinite (``next()`` it for as long as you train).
+
+Evaluation (``make_eval_loader``)
+    Every task exactly once over all ranks and workers, no resampling, no shuffling, no crop: see
+    ``eval_assignment``. Ranks may receive different numbers of batches: the caller must not run a
+    collective inside the evaluation loop (accumulate metric sums, all-reduce once after it).
+
+Batches are dicts (layouts in ``collate_train`` / ``collate_eval``). Batching happens inside the dataset
+(webdataset style) and the ``DataLoader`` runs with ``batch_size=None``.
+
+Ranks are passed explicitly (``rank``, ``world_size``) instead of webdataset's environment lookup, so the
+same code runs under Ray Train, torchrun, or a test that simulates ranks in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
+from segvlm.masks import polygons_at_original_size, rasterize_polygons
+from segvlm.transforms import (
+    TokenizeFn,
+    crop_resize,
+    decode_image,
+    normalize_uint8_batch,
+    pil_to_uint8_array,
+    random_object_crop,
+    target_mask_array,
+)
+
+__all__ = [
+    "LoaderInfo",
+    "collate_eval",
+    "collate_train",
+    "eval_assignment",
+    "list_shards",
+    "make_eval_loader",
+    "make_train_loader",
+]
+
+_MEMBERS = ("jpg", "json")  # the only tar members ever read
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+def list_shards(
+    urls_or_dir: str | os.PathLike | Sequence[str], split: str = "train"
+) -> tuple[list[str], dict]:
+    """Shard URLs and ``{shard basename: samples}`` (empty when unknown).
+
+    ``urls_or_dir`` is a folder (shards ``{split}-*.tar``, listed from its ``sizes.json`` when present,
+    else globbed), a single path, a webdataset brace pattern (``dir/train-{000000..000009}.tar``) or a list.
+    The list is sorted, so every rank and worker sees the same order.
+    """
+    sizes: dict[str, int] = {}
+    if isinstance(urls_or_dir, str | os.PathLike) and os.path.isdir(urls_or_dir):
+        folder = os.fspath(urls_or_dir)
+        sizes_path = os.path.join(folder, "sizes.json")
+        pattern = re.compile(rf"^{re.escape(split)}-\d+\.tar$")
+        if os.path.exists(sizes_path):
+            with open(sizes_path) as f:
+                all_sizes = json.load(f)
+            sizes = {name: int(n) for name, n in all_sizes.items() if pattern.match(os.path.basename(name))}
+            urls = sorted(os.path.join(folder, os.path.basename(name)) for name in sizes)
+        else:
+            urls = sorted(
+                p
+                for p in glob.glob(os.path.join(folder, f"{split}-*.tar"))
+                if pattern.match(os.path.basename(p))
+            )
+    elif isinstance(urls_or_dir, str | os.PathLike):
+        urls = sorted(wds.shardlists.expand_urls(os.fspath(urls_or_dir)))
+    else:
+        urls = sorted(os.fspath(u) for u in urls_or_dir)
+    if not urls:
+        raise FileNotFoundError(f"no {split!r} shards found in {urls_or_dir!r}")
+    return urls, sizes
+
+
+def _select_members(fname: str) -> bool:
+    """Keep only ``<key>.jpg`` and ``<key>.json``: other members (``x.pickle``…) are skipped unread."""
+    return fname.rsplit(".", 1)[-1].lower() in _MEMBERS if "." in fname else False
+
+
+class _ErrorBudget:
+    """webdataset handler for training: warn and skip a broken shard or sample, but raise after
+    ``limit`` consecutive failures, so an endless resampled stream over broken data cannot spin forever."""
+
+    def __init__(self, limit: int = 50) -> None:
+        self.limit = limit
+        self.failures = 0
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.failures += 1
+        if self.failures > self.limit:
+            raise RuntimeError(f"{self.failures} consecutive shard/sample errors; last: {exn!r}") from exn
+        print(f"[segvlm.loader] skipping after error: {exn!r}", file=sys.stderr)
+        return True
+
+
+def _parse(sample: dict[str, Any]) -> tuple[str, bytes, ImageRecord]:
+    """``(key, jpg bytes, record)`` of a raw tar sample; raises if a member is missing."""
+    missing = [m for m in _MEMBERS if m not in sample]
+    if missing:
+        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} lacks {missing}")
+    return sample["__key__"], sample["jpg"], ImageRecord.from_json(sample["json"])
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------- collate
+
+
+def _stack_masks(items: list[dict[str, Any]]) -> torch.Tensor:
+    """``1×S×S`` uint8 masks -> ``B×1×S×S`` float32."""
+    return torch.from_numpy(np.stack([it["mask"] for it in items]).astype(np.float32))
+
+
+def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[str, Any]:
+    """Training batch (B items, S = image size)::
+
+    pixel_values   B×3×S×S float32, CLIP-normalised
+    input_ids      B×L int64          attention_mask  B×L int64
+    masks          B×1×S×S float32 in {0, 1}
+    phrase, task_id, phrase_type, kind, key: lists of length B
+    crop_box       B×4 int64, (x0, y0, x1, y1) in stored-image pixels
+    """
+    tokens = tokenizer([it["phrase"] for it in items])
+    return {
+        "pixel_values": normalize_uint8_batch([it["pixels"] for it in items]),
+        "input_ids": torch.as_tensor(tokens["input_ids"]).long(),
+        "attention_mask": torch.as_tensor(tokens["attention_mask"]).long(),
+        "masks": _stack_masks(items),
+        "phrase": [it["phrase"] for it in items],
+        "task_id": [it["task_id"] for it in items],
+        "phrase_type": [it["phrase_type"] for it in items],
+        "kind": [it["kind"] for it in items],
+        "key": [it["key"] for it in items],
+        "crop_box": torch.tensor([it["crop_box"] for it in items], dtype=torch.int64),
+    }
+
+
+def collate_eval(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[str, Any]:
+    """Evaluation batch (B items)::
+
+    pixel_values   B×3×S×S float32 (whole image resized to S×S, CLIP-normalised)
+    input_ids, attention_mask   B×L int64
+    masks          B×1×S×S float32, the target at model resolution (same squeeze as the image)
+    orig_height, orig_width     B int64: the size the official metrics are computed at
+    height, width  B int64: the stored image size
+    polygons       list of B ``[instance][polygon][point] = [x, y]`` in ORIGINAL-image pixels:
+                   ``segvlm.masks.rasterize_polygons(p, orig_width, orig_height)`` is the official GT
+    num_instances  B int64
+    phrase, task_id, phrase_type, kind, key: lists of length B
+    """
+    tokens = tokenizer([it["phrase"] for it in items])
+    out: dict[str, Any] = {
+        "pixel_values": normalize_uint8_batch([it["pixels"] for it in items]),
+        "input_ids": torch.as_tensor(tokens["input_ids"]).long(),
+        "attention_mask": torch.as_tensor(tokens["attention_mask"]).long(),
+        "masks": _stack_masks(items),
+    }
+    for name in ("orig_height", "orig_width", "height", "width", "num_instances"):
+        out[name] = torch.tensor([it[name] for it in items], dtype=torch.int64)
+    for name in ("polygons", "phrase", "task_id", "phrase_type", "kind", "key"):
+        out[name] = [it[name] for it in items]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class LoaderInfo:
+    """What ``make_train_loader`` decided, for logging and for the training loop."""
+
+    urls: list[str]
+    num_shards: int
+    num_images: int | None  # from sizes.json; None when unknown
+    batch_size: int
+    world_size: int
+    rank: int
+    num_workers: int
+    steps_per_epoch: int | None  # batches per rank per epoch (identical on every rank); None = endless
+    batches_per_worker: list[int] | None  # how the rank's batches are split over its loader workers
+
+
+def _split_batches(total: int, workers: int) -> list[int]:
+    return [total // workers + (1 if w < total % workers else 0) for w in range(workers)]
+
+
+class _NegativeSource:
+    """Negatives at rate ``r`` among emitted items (CLIPSeg used 0.2, SPEC 3.3).
+
+    For each positive kept, a geometric number of negatives (mean ``r / (1 - r)``) is owed; owed negatives
+    are paid from the image's own ``kind == "negative"`` tasks when the shard has them (drawn with
+    replacement), otherwise made up here: a phrase of another recent image (a ring buffer of positives
+    seen by this worker) whose ``phrase_structure.name`` is not the name of any task of this image and
+    does not occur as a word in any of its phrases. That guard is deliberately simple: the prompt generator
+    (``pipeline/prompts.py``) has the careful one, and shards written with negatives use it. A negative
+    that cannot be made yet (empty ring buffer) stays owed for the next image, so the rate holds.
+    """
+
+    def __init__(self, rate: float, rng: np.random.Generator, memory: int = 512) -> None:
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"negative_rate must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.rng = rng
+        self.recent: deque[Task] = deque(maxlen=memory)
+        self.owed = 0
+
+    def owe(self, positives: int) -> None:
+        if self.rate > 0 and positives:
+            # numpy's geometric counts trials up to and including the first success: subtract one
+            self.owed += int((self.rng.geometric(1.0 - self.rate, positives) - 1).sum())
+
+    def draw(self, record: ImageRecord) -> list[Task]:
+        own = [t for t in record.tasks if t.kind == "negative"]
+        positives = [t for t in record.tasks if t.kind != "negative"]
+        out: list[Task] = []
+        if self.owed and own:
+            out = [own[i] for i in self.rng.integers(0, len(own), self.owed)]
+        elif self.owed and self.recent:
+            names = {_name(t) for t in positives} - {""}
+            words = set(" ".join(t.phrase.lower() for t in positives).split())
+            for _ in range(self.owed * 4):  # a few tries per owed negative
+                if len(out) == self.owed:
+                    break
+                cand = self.recent[int(self.rng.integers(0, len(self.recent)))]
+                name = _name(cand)
+                if name and name not in names and not set(name.split()) <= words:
+                    out.append(
+                        Task(
+                            task_id=f"{record.key}__neg__{cand.task_id}",
+                            phrase=cand.phrase,
+                            polygons=[],
+                            phrase_structure=cand.phrase_structure,
+                            kind="negative",
+                            source_task_id=cand.task_id,
+                        )
+                    )
+        self.owed -= len(out)
+        self.recent.extend(t for t in positives if _name(t))
+        return out
+
+
+def _name(task: Task) -> str:
+    return str((task.phrase_structure or {}).get("name") or "").strip().lower()
+
+
+class _TypeBalancer:
+    """Even phrase types by streaming rejection: a positive of type ``t`` is kept with probability
+    ``min_count / count[t]`` over the types seen so far by this worker (SPEC 4.1: name-type phrases were
+    only 18% of the prototype's data). Unknown types pass untouched."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.counts = dict.fromkeys(PHRASE_TYPES, 0)
+
+    def keep(self, task: Task) -> bool:
+        kind = task.phrase_type
+        if kind not in self.counts:
+            return True
+        self.counts[kind] += 1
+        seen = [c for c in self.counts.values() if c > 0]
+        return bool(self.rng.random() < min(seen) / self.counts[kind])
+
+
+@dataclasses.dataclass
+class _TrainConfig:
+    batch_size: int
+    image_size: int
+    negative_rate: float
+    shuffle_buffer: int
+    task_shuffle_buffer: int
+    phrase_type_balance: bool
+    min_object_fraction: float
+    crop_scale: tuple[float, float]
+
+
+def _train_items(
+    samples: Iterable[dict[str, Any]],
+    cfg: _TrainConfig,
+    rng: np.random.Generator,
+    errors: _ErrorBudget,
+) -> Iterator[dict[str, Any]]:
+    """Raw image samples -> one augmented item per task (uint8 pixels ``3×S×S``, uint8 mask ``1×S×S``).
+
+    Everything that needs only the JSON (task choice, negatives, crop boxes) is decided before the JPEG
+    is decoded, so the decode happens once per image, at a reduced DCT scale when every crop allows it.
+    """
+    size = cfg.image_size
+    negatives = _NegativeSource(cfg.negative_rate, rng)
+    balancer = _TypeBalancer(rng) if cfg.phrase_type_balance else None
+    for sample in samples:
+        try:
+            key, jpg, record = _parse(sample)
+            chosen = [
+                t for t in record.tasks if t.kind != "negative" and (balancer is None or balancer.keep(t))
+            ]
+            negatives.owe(len(chosen))
+            chosen += negatives.draw(record)
+            if not chosen:
+                continue
+            w, h = int(record.width), int(record.height)
+            boxes = []
+            for task in chosen:
+                obj = rasterize_polygons(task.polygons, w, h) if task.polygons else None
+                boxes.append(
+                    random_object_crop(
+                        w,
+                        h,
+                        obj,
+                        rng=rng,
+                        min_object_fraction=cfg.min_object_fraction,
+                        scale=cfg.crop_scale,
+                    )
+                )
+            # decode reduced only as far as the smallest crop still has ≥ S source pixels per side
+            smallest = min(b[2] - b[0] for b in boxes)
+            factor = max(smallest / size, 1.0)
+            image, reduction = decode_image(jpg, min_size=(math.ceil(w / factor), math.ceil(h / factor)))
+            # stored-image pixels -> decoded pixels: exactly 1/reduction when the JPEG has the size the
+            # metadata says (a reduced decode has ceil(w / r) columns); else the plain ratio
+            if (image.width, image.height) == (-(-w // reduction), -(-h // reduction)):
+                fx = fy = 1.0 / reduction
+            else:
+                fx, fy = image.width / w, image.height / h
+            for task, box in zip(chosen, boxes):
+                x0, y0, x1, y1 = box
+                pixels = crop_resize(image, (x0 * fx, y0 * fy, x1 * fx, y1 * fy), size)
+                mask = (
+                    target_mask_array(task.polygons, box, size)
+                    if task.polygons
+                    else np.zeros((size, size), np.uint8)
+                )
+                yield {
+                    "pixels": pil_to_uint8_array(pixels),  # 3×S×S uint8, normalised per batch
+                    "mask": mask[None],  # 1×S×S uint8
+                    "phrase": task.phrase,
+                    "task_id": task.task_id,
+                    "phrase_type": task.phrase_type,
+                    "kind": task.kind,
+                    "key": key,
+                    "crop_box": box,
+                }
+            errors.ok()
+        except Exception as exn:  # a corrupt sample is skipped (and counted), never fatal on its own
+            errors(exn)
+
+
+def _resampled_urls(urls: Sequence[str], rng: np.random.Generator) -> Iterator[dict[str, str]]:
+    """Shards drawn with replacement, forever (open_clip's ``ResampledShards``, but seeded by us)."""
+    while True:
+        yield {"url": urls[int(rng.integers(0, len(urls)))]}
+
+
+class TrainStream(IterableDataset):
+    """The training pipeline for one rank; ``len()`` = batches per epoch on this rank (when finite).
+
+    Each (seed, epoch, rank, worker) gets its own random stream, so runs are reproducible and workers
+    and ranks see different shards, crops and negatives.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        cfg: _TrainConfig,
+        tokenizer: TokenizeFn,
+        *,
+        seed: int,
+        rank: int,
+        steps_per_epoch: int | None,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = 0  # copied into worker processes when the DataLoader starts them (no persistent workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.steps_per_epoch is None:
+            raise TypeError("endless training stream (no steps_per_epoch) has no length")
+        return self.steps_per_epoch
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_train(items, self.tokenizer)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        streams = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).spawn(4)
+        url_rng, item_rng = np.random.default_rng(streams[0]), np.random.default_rng(streams[1])
+        shuffle_seed, task_seed = (int(s.generate_state(1)[0]) for s in streams[2:])
+        errors = _ErrorBudget()
+        cfg = self.cfg
+        pipeline = wds.DataPipeline(
+            lambda: _resampled_urls(self.urls, url_rng),
+            wds.tarfile_to_samples(handler=errors, select_files=_select_members),
+            wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=shuffle_seed),
+            lambda src: _train_items(src, cfg, item_rng, errors),
+            wds.shuffle(cfg.task_shuffle_buffer, initial=min(cfg.task_shuffle_buffer, 64), seed=task_seed),
+            wds.batched(cfg.batch_size, collation_fn=self._collate, partial=False),
+        )
+        if self.steps_per_epoch is None:
+            yield from pipeline
+        else:
+            yield from islice(pipeline, _split_batches(self.steps_per_epoch, workers)[worker])
+
+
+class TrainLoader(DataLoader):
+    """``DataLoader`` over a ``TrainStream`` that advances the stream's epoch on every ``iter()``
+    (a new seed per epoch) unless ``set_epoch`` chose one, like ``DistributedSampler.set_epoch``."""
+
+    def __init__(self, dataset: TrainStream, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._next_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._next_epoch = int(epoch)
+
+    def __iter__(self):  # type: ignore[override]
+        self.dataset.set_epoch(self._next_epoch)  # before the workers are started, so they copy it
+        self._next_epoch += 1
+        return super().__iter__()
+
+
+def make_train_loader(
+    urls_or_dir: str | os.PathLike | Sequence[str],
+    *,
+    split: str = "train",
+    batch_size: int,
+    image_size: int,
+    tokenizer: TokenizeFn,
+    negative_rate: float = 0.2,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    steps_per_epoch: int | None = None,
+    samples_per_epoch: int | None = None,
+    shuffle_buffer: int = 1000,
+    task_shuffle_buffer: int = 256,
+    phrase_type_balance: bool = False,
+    min_object_fraction: float = 0.05,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
+    pin_memory: bool = False,
+    return_dataset: bool = False,
+) -> tuple[TrainLoader | TrainStream, LoaderInfo]:
+    """The training loader of one rank and what it decided.
+
+    ``steps_per_epoch`` is batches per rank per epoch; ``samples_per_epoch`` is global (all ranks, as
+    open_clip's ``train_num_samples``) and becomes ``ceil(samples / (batch_size · world_size))`` steps.
+    With neither, the stream is endless. Either way every rank yields exactly the same number of batches
+    (full batches only), whatever the shard sizes: shards are resampled with replacement, so no rank can
+    run out. ``shuffle_buffer`` counts raw image samples (compressed bytes, cheap); ``task_shuffle_buffer``
+    counts augmented tasks (uint8 ``3×S×S`` each, ~0.37 MB at 352 px, per worker). Returns a
+    ``TrainLoader`` (``batch_size=None``; batching happens in the pipeline), or the bare ``TrainStream``
+    with ``return_dataset=True``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    urls, sizes = list_shards(urls_or_dir, split)
+    if steps_per_epoch is None and samples_per_epoch is not None:
+        steps_per_epoch = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
+    cfg = _TrainConfig(
+        batch_size=batch_size,
+        image_size=image_size,
+        negative_rate=negative_rate,
+        shuffle_buffer=max(1, shuffle_buffer),
+        task_shuffle_buffer=max(1, task_shuffle_buffer),
+        phrase_type_balance=phrase_type_balance,
+        min_object_fraction=min_object_fraction,
+        crop_scale=tuple(crop_scale),
+    )
+    stream = TrainStream(urls, cfg, tokenizer, seed=seed, rank=rank, steps_per_epoch=steps_per_epoch)
+    info = LoaderInfo(
+        urls=urls,
+        num_shards=len(urls),
+        num_images=sum(sizes.values()) if sizes else None,
+        batch_size=batch_size,
+        world_size=world_size,
+        rank=rank,
+        num_workers=num_workers,
+        steps_per_epoch=steps_per_epoch,
+        batches_per_worker=None
+        if steps_per_epoch is None
+        else _split_batches(steps_per_epoch, max(1, num_workers)),
+    )
+    if return_dataset:
+        return stream, info
+    loader = TrainLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+    return loader, info
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_assignment(
+    num_shards: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> tuple[list[int], int, int]:
+    """Which shards a (rank, worker) slot reads, and which of their samples it keeps.
+
+    Returns ``(shard_indices, modulus, remainder)``: the slot reads those shards in order and keeps the
+    samples whose running index (over the concatenation of those shards) ``% modulus == remainder``.
+    Every sample lands in exactly one slot:
+
+    * ``shards ≥ world × workers``: whole shards, shard ``i`` to slot ``i % (world × workers)``;
+    * ``world ≤ shards < world × workers``: shard ``i`` to rank ``i % world``, whose workers then take
+      every ``workers``-th sample of the rank's shards;
+    * ``shards < world``: every slot reads every shard and takes every ``(world × workers)``-th sample.
+
+    Splitting by running index (not by hash) balances the slots to within one sample, and is exact
+    because every slot of a group reads the same shards in the same order.
+    """
+    slots = world_size * num_workers
+    slot = rank * num_workers + worker
+    if num_shards >= slots:
+        return [i for i in range(num_shards) if i % slots == slot], 1, 0
+    if num_shards >= world_size:
+        return [i for i in range(num_shards) if i % world_size == rank], num_workers, worker
+    return list(range(num_shards)), slots, slot
+
+
+def _eval_items(
+    samples: Iterable[dict[str, Any]], image_size: int, modulus: int, remainder: int
+) -> Iterator[dict[str, Any]]:
+    """Kept samples -> one item per task (all kinds, negatives included), image resized once per image."""
+    size = image_size
+    for index, sample in enumerate(samples):
+        if index % modulus != remainder:
+            continue
+        key, jpg, record = _parse(sample)
+        image, _ = decode_image(jpg)  # full decode: evaluation matches inference (segvlm.transforms)
+        w, h = int(record.width), int(record.height)
+        # the same box for image and mask; it also absorbs a decoded size that differs from the metadata
+        pixels = pil_to_uint8_array(crop_resize(image, (0, 0, image.width, image.height), size))
+        ow, oh = int(record.orig_width or w), int(record.orig_height or h)
+        for task in record.tasks:
+            polygons = polygons_at_original_size(task.polygons or [], w, h, ow, oh)
+            yield {
+                "pixels": pixels,
+                "mask": target_mask_array(task.polygons or [], (0, 0, w, h), size)[None],
+                "orig_height": oh,
+                "orig_width": ow,
+                "height": h,
+                "width": w,
+                "polygons": polygons,
+                "num_instances": task.num_instances if task.polygons else 0,
+                "phrase": task.phrase,
+                "task_id": task.task_id,
+                "phrase_type": task.phrase_type,
+                "kind": task.kind,
+                "key": key,
+            }
+
+
+class EvalStream(IterableDataset):
+    """The evaluation pipeline for one rank (see ``eval_assignment``); finite, unshuffled."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        image_size: int,
+        batch_size: int,
+        tokenizer: TokenizeFn,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.rank = rank
+        self.world_size = world_size
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_eval(items, self.tokenizer)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        shards, modulus, remainder = eval_assignment(
+            len(self.urls), self.rank, self.world_size, worker, workers
+        )
+        if not shards:
+            return
+        pipeline = wds.DataPipeline(
+            lambda: iter([{"url": self.urls[i]} for i in shards]),  # a bare list would be taken as stages
+            # errors are fatal here: a skipped sample would silently change the metric
+            wds.tarfile_to_samples(select_files=_select_members),
+            lambda src: _eval_items(src, self.image_size, modulus, remainder),
+            wds.batched(self.batch_size, collation_fn=self._collate, partial=True),
+        )
+        yield from pipeline
+
+
+def make_eval_loader(
+    urls_or_dir: str | os.PathLike | Sequence[str],
+    *,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    tokenizer: TokenizeFn,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The evaluation loader of one rank: every task of the split exactly once over all ranks and
+    workers (``eval_assignment``), whole images resized to ``image_size``² (no crop), batches as in
+    ``collate_eval`` (the last one per worker may be short).
+
+    Ranks (and workers) can get different numbers of batches, including none: do not call a collective
+    (all-reduce, barrier, ``ray.train.report``) inside the loop; accumulate sums and reduce after it.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    urls, _ = list_shards(urls_or_dir, split)
+    stream = EvalStream(urls, image_size, batch_size, tokenizer, rank, world_size)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

@@ -1,0 +1,132 @@
+"""Quarantine: records set aside with a reason, written to ``quarantine.parquet`` (SPEC 3.1).
+
+Bad records never crash a job and never pass silently: the reader turns each into a
+:class:`~pipeline.schema.QuarantineRecord` and the job writes them here, one row per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import QuarantineRecord
+
+QUARANTINE_FILE = "quarantine.parquet"
+
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+SIZE_MISMATCH = "size_mismatch"
+NO_USABLE_POLYGONS = "no_usable_polygons"
+EMPTY_PHRASE = "empty_phrase"
+DUPLICATE_TASK_ID = "duplicate_task_id"
+MISSING_METADATA = "missing_metadata"
+BAD_SCHEMA = "bad_schema"
+
+# code -> what it means; the codes are the values of the `reason` column.
+REASONS: dict[str, str] = {
+    MISSING_IMAGE: "images/{image_id}.jpg does not exist",
+    UNREADABLE_IMAGE: "the image file cannot be decoded completely (not an image, or truncated)",
+    SIZE_MISMATCH: "the decoded image size differs from width/height in the image metadata",
+    NO_USABLE_POLYGONS: "every polygon has fewer than 3 points or zero area after clipping to the image",
+    EMPTY_PHRASE: "the phrase is empty or whitespace",
+    DUPLICATE_TASK_ID: "a task with the same task_id came earlier in the file (the first one is kept)",
+    MISSING_METADATA: "the task's image_id is not in image_data_split.json",
+    BAD_SCHEMA: "a required field is missing or has the wrong type",
+}
+
+SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("record", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("image_id", pa.string()),  # string: PhraseCut ids are ints, other sources may not be
+        ("task_id", pa.string()),
+    ]
+)
+
+
+def _as_dict(record: QuarantineRecord | Mapping[str, Any]) -> dict[str, Any]:
+    return record.to_dict() if isinstance(record, QuarantineRecord) else dict(record)
+
+
+def _target(path: str) -> str:
+    """A directory gets ``quarantine.parquet`` inside it; a ``*.parquet`` path is used as is."""
+    return path if path.endswith(".parquet") else path.rstrip("/") + "/" + QUARANTINE_FILE
+
+
+def to_table(records: Iterable[QuarantineRecord | Mapping[str, Any]]) -> pa.Table:
+    """The quarantine rows as an Arrow table with :data:`SCHEMA` (empty input gives an empty table)."""
+    rows = [_as_dict(r) for r in records]
+
+    def column(name: str, *, nullable: bool) -> list[str | None]:
+        values = [row.get(name) for row in rows]
+        return [None if v is None and nullable else str(v if v is not None else "") for v in values]
+
+    return pa.table(
+        {
+            "source_file": column("source_file", nullable=False),
+            "record": column("record", nullable=False),
+            "reason": column("reason", nullable=False),
+            "detail": column("detail", nullable=False),
+            "image_id": column("image_id", nullable=True),
+            "task_id": column("task_id", nullable=True),
+        },
+        schema=SCHEMA,
+    )
+
+
+def write_quarantine(
+    path_or_fs_path: str | os.PathLike[str],
+    records: Iterable[QuarantineRecord | Mapping[str, Any]],
+    filesystem: Any = None,
+) -> str:
+    """Write ``quarantine.parquet`` (into a directory, or to an explicit ``*.parquet`` path); returns the path.
+
+    ``filesystem`` is an optional ``pyarrow.fs.FileSystem`` (for remote storage; the path is then relative to
+    it). The file is written under a temporary name and renamed, so a reader never sees half a file. An empty
+    list still writes a file: "no quarantined records" must be distinguishable from "job not finished".
+    """
+    table = to_table(records)
+    final = _target(os.fspath(path_or_fs_path))
+    parent = final.rsplit("/", 1)[0] if "/" in final else ""
+    # the project's temp-name convention ("*.tmp-*"), so a crashed run's leftovers are recognised and swept
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+    if filesystem is None:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        if parent:
+            filesystem.create_dir(parent, recursive=True)
+        try:
+            pq.write_table(table, tmp, filesystem=filesystem)
+            filesystem.move(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                filesystem.delete_file(tmp)
+            raise
+    return final
+
+
+def read_quarantine(path: str | os.PathLike[str], filesystem: Any = None) -> list[dict[str, Any]]:
+    """The rows of a quarantine file (or of ``quarantine.parquet`` in a directory) as dicts."""
+    return pq.read_table(_target(os.fspath(path)), filesystem=filesystem).to_pylist()
+
+
+def count_by_reason(records: Iterable[QuarantineRecord | Mapping[str, Any]]) -> dict[str, int]:
+    """``{reason: rows}``, most frequent first (ties by name), for job summaries and MLflow params."""
+    counts = Counter(_as_dict(r)["reason"] for r in records)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -1,0 +1,280 @@
+"""CLIPSeg's decoder with SegVLM's switches.
+
+With every SegVLM switch off, :class:`SegDecoder` computes exactly what transformers'
+``CLIPSegDecoder`` computes and uses its parameter names, so a CLIPSeg checkpoint's ``decoder.*`` keys
+load 1:1. Each switch adds freshly initialised modules whose last step is zero (a ``tanh`` gate, a
+LayerScale, a 1×1 conv), so with the same CLIPSeg weights the output at init is unchanged: fine-tuning
+starts from CLIPSeg's quality.
+
+Per extracted layer i, deepest first (CLIPSeg)::
+
+    a = reduces[i](h_i) (+ a)                       B×(1+N)×D
+    a = film(a, film_mul(c), film_add(c))            at i == conditional_layer
+    a = layers[i](a)                                 post-norm self-attention + ReLU MLP
+    a = cross_attn[i](a, text)                       [cross_attention] gated, identity at init
+    x = a[:, 1:] as B×D×h×w                          drop CLS
+    x = projector(x, phrase)                         [projector] + 0-init 1×1 conv of a similarity map
+    x = refine(x, phrase)                            [deformable / se / residual]
+    logits = head(x (+ stem))                        [stem_skip] after the first ConvT
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segvlm.config import DecoderConfig
+from segvlm.layers import (
+    GatedCrossAttention,
+    ResidualRefinementBlock,
+    TextImageProjector,
+    film,
+    get_act_layer,
+    get_norm_layer,
+    sincos_1d,
+    sincos_2d,
+)
+
+LAYER_NORM_EPS = 1e-5  # CLIP's; CLIPSeg's decoder layers inherit it from the vision config
+
+
+class DecoderAttention(nn.Module):
+    """CLIPSeg's multi-head self-attention over B×N×D tokens (parameter names q/k/v/out_proj)."""
+
+    def __init__(self, dim: int, *, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        # B×N×D → B×heads×N×D/heads
+        q, k, v = (
+            p(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, dim: int, *, hidden_dim: int, act_layer: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DecoderLayer(nn.Module):
+    """CLIPSeg's decoder layer: a *post*-norm transformer layer (``nn.TransformerEncoderLayer`` of the
+    original CLIPSeg), ReLU MLP. HF's port forces ``hidden_act="relu"`` whatever its config says."""
+
+    def __init__(
+        self, dim: int, *, num_heads: int, intermediate_size: int, eps: float = LAYER_NORM_EPS
+    ) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(dim, num_heads=num_heads)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = DecoderMLP(dim, hidden_dim=intermediate_size, act_layer=nn.ReLU)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer_norm1(x + self.self_attn(x))
+        return self.layer_norm2(x + self.mlp(x))
+
+
+class SegDecoder(nn.Module):
+    """CLIPSeg decoder + SegVLM switches (see the module docstring for the data flow).
+
+    Args:
+        cfg: the decoder config; all of cross_attention / projector / deformable / se / residual /
+            stem_skip off is CLIPSeg.
+        vision_width: width of the backbone's tokens; text_width: width of the text encoder's tokens;
+        projection_dim: width of the pooled phrase embedding ``cond`` (CLIP's projection);
+        num_layers: number of extracted backbone layers; patch_size: backbone patch size;
+        stem_channels: channels of the conv stem's 1/4-resolution features (``cfg.stem_skip`` only).
+
+    Parameters created per switch (nothing else changes):
+        cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
+        (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
+        deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
+        ``stem_proj``.
+    """
+
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        *,
+        vision_width: int,
+        text_width: int,
+        projection_dim: int,
+        num_layers: int,
+        patch_size: int,
+        stem_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        cfg.validate()
+        d = cfg.reduce_dim
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.patch_size = patch_size
+        self.conditional_layer = cfg.conditional_layer
+        if not 0 <= cfg.conditional_layer < num_layers:
+            raise ValueError(f"conditional_layer {cfg.conditional_layer} outside 0..{num_layers - 1}")
+
+        # ---- CLIPSeg (names match transformers' CLIPSegDecoder)
+        self.film_mul = nn.Linear(projection_dim, d)
+        self.film_add = nn.Linear(projection_dim, d)
+        self.reduces = nn.ModuleList(nn.Linear(vision_width, d) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(d, num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
+            for _ in range(num_layers)
+        )
+        if cfg.complex_transposed_convolution:
+            if patch_size % 4:
+                raise ValueError(
+                    f"the complex transposed convolution needs patch_size % 4 == 0, got {patch_size}"
+                )
+            # CLIPSeg uses (patch/4, patch/4), i.e. (4, 4) at patch 16; (patch/4, 4) equals that there and
+            # keeps the total at ×patch and the middle at 1/4 resolution (where stem features join) for any patch
+            k1, k2 = patch_size // 4, 4
+            self.transposed_convolution: nn.Module = nn.Sequential(
+                nn.Conv2d(d, d, kernel_size=3, padding=1),
+                nn.ReLU(),
+                nn.ConvTranspose2d(d, d // 2, kernel_size=k1, stride=k1),
+                nn.ReLU(),
+                nn.ConvTranspose2d(d // 2, 1, kernel_size=k2, stride=k2),
+            )
+        else:
+            self.transposed_convolution = nn.ConvTranspose2d(d, 1, kernel_size=patch_size, stride=patch_size)
+
+        # ---- SegVLM additions, each identity at init
+        self.projector = (
+            TextImageProjector(
+                d, text_width=text_width, cond_dim=projection_dim, project_tokens=cfg.cross_attention
+            )
+            if cfg.projector
+            else None
+        )
+        self.cross_attn = (
+            nn.ModuleList(GatedCrossAttention(d, num_heads=cfg.num_heads) for _ in range(num_layers))
+            if cfg.cross_attention
+            else None
+        )
+        self.cross_attn_text = nn.Linear(text_width, d) if cfg.cross_attention and not cfg.projector else None
+        self.refine = (
+            ResidualRefinementBlock(
+                d,
+                cond_dim=d if cfg.projector else projection_dim,
+                deformable=cfg.deformable,
+                se=cfg.se,
+                residual=cfg.residual,
+                norm_layer=get_norm_layer(cfg.norm),
+                act_layer=get_act_layer(cfg.act),
+                se_reduction=cfg.se_reduction,
+                deform_impl=cfg.deform_impl,  # type: ignore[arg-type]
+            )
+            if cfg.deformable or cfg.se or cfg.residual
+            else None
+        )
+        self.stem_proj = None
+        if cfg.stem_skip:
+            if not stem_channels:
+                raise ValueError("decoder.stem_skip needs stem_channels")
+            self.stem_proj = nn.Conv2d(stem_channels, d // 2, kernel_size=1)
+            nn.init.zeros_(self.stem_proj.weight)
+            nn.init.zeros_(self.stem_proj.bias)
+
+    def forward(
+        self,
+        activations: list[Tensor],
+        cond: Tensor,
+        text_tokens: Tensor,
+        text_mask: Tensor,
+        image_size: tuple[int, int],
+        stem_features: Tensor | None = None,
+        *,
+        return_aux: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Segmentation logits for one phrase per image.
+
+        Args:
+            activations: ``num_layers`` tensors B×(1+h·w)×vision_width, shallow → deep, CLS first.
+            cond: B×projection_dim pooled projected phrase embedding (FiLM input).
+            text_tokens: B×L×text_width last hidden states of the text encoder.
+            text_mask: B×L bool, True = real token.
+            image_size: (H, W) of the input pixels; the token grid is (H/patch, W/patch).
+            stem_features: B×stem_channels×H/4×W/4 (``cfg.stem_skip`` only).
+            return_aux: also return a dict with ``offsets`` (B×18×h×w) and ``modulation`` (B×9×h×w) of the
+                deformable conv, ``similarity`` (B×1×h×w) of the projector, when those are on.
+
+        Returns:
+            logits B×1×H×W, or ``(logits, aux)``.
+        """
+        if len(activations) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} activations, got {len(activations)}")
+        b = cond.shape[0]
+        H, W = image_size
+        h, w = H // self.patch_size, W // self.patch_size
+        if activations[0].shape[1] != 1 + h * w:
+            raise ValueError(
+                f"activations hold {activations[0].shape[1]} tokens; image {H}x{W} at patch {self.patch_size} "
+                f"needs 1 + {h}x{w}"
+            )
+        aux: dict[str, Tensor] = {}
+
+        phrase = cond  # conditioning vector of the refinement block
+        text = None  # B×L×D keys / values of the cross-attention
+        if self.projector is not None:
+            phrase, text = self.projector.project_text(
+                cond, text_tokens if self.cross_attn is not None else None
+            )
+        if self.cross_attn is not None:
+            if self.cross_attn_text is not None:
+                text = self.cross_attn_text(text_tokens)
+            d = text.shape[-1]
+            # CLS has no grid position: zero encoding
+            pos = torch.cat((text.new_zeros(1, d), sincos_2d(h, w, d, device=text.device).to(text.dtype)))
+            text_pos = sincos_1d(text.shape[1], d, device=text.device).to(text.dtype)
+
+        a = None
+        for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], self.layers, self.reduces)):
+            a = reduce(activation) if a is None else reduce(activation) + a
+            if i == self.conditional_layer:
+                a = film(a, self.film_mul(cond), self.film_add(cond))
+            a = layer(a)
+            if self.cross_attn is not None:
+                a = self.cross_attn[i](a, text, text_mask, pos, text_pos)
+
+        x = a[:, 1:, :].transpose(1, 2).reshape(b, -1, h, w)  # B×D×h×w, row-major tokens
+        if self.projector is not None:
+            x, aux["similarity"] = self.projector(x, phrase)
+        if self.refine is not None:
+            x = self.refine(x, phrase, aux)
+        logits = self._head(x, stem_features)
+        if logits.shape[-2:] != (H, W):  # H or W not a multiple of the patch size
+            logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        return (logits, aux) if return_aux else logits
+
+    def _head(self, x: Tensor, stem_features: Tensor | None) -> Tensor:
+        """B×D×h×w → B×1×(h·patch)×(w·patch); stem features join after the first ConvT (1/4 resolution)."""
+        if self.stem_proj is None:
+            return self.transposed_convolution(x)
+        if stem_features is None:
+            raise ValueError("decoder.stem_skip is on but no stem_features were given")
+        conv, relu1, up1, relu2, up2 = self.transposed_convolution
+        y = up1(relu1(conv(x)))  # B×D/2×(h·patch/4)×(w·patch/4)
+        skip = self.stem_proj(stem_features)
+        if skip.shape[-2:] != y.shape[-2:]:
+            skip = F.interpolate(skip, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        # before the ReLU, so the skip can suppress as well as excite
+        return up2(relu2(y + skip))

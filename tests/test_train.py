@@ -1,0 +1,235 @@
+"""Distributed training and evaluation on a real local Ray instance with 2 CPU workers (slow: ~2–3 min).
+
+One module-scoped Ray instance and one tiny data set (synthetic scenes → ``prepare`` with uneven shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from jobs.common import init_ray
+
+    import ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(ray_local, tmp_path_factory):
+    from pipeline.prepare import PrepareConfig, run_prepare
+    from pipeline.scenes import SCENE_WORDS, write_scenes
+    from segvlm.backbone import make_tiny_clip
+    from segvlm.tokenizer import DEFAULT_TINY_WORDS
+
+    root = tmp_path_factory.mktemp("train-data")
+    write_scenes(root / "scenes", n_images=60, seed=3, size=IMAGE_SIZE)
+    for split in ("train", "val", "test"):
+        # 7 images a shard: the 48 training images give shards of 7 × 6 + 6, so ranks read uneven shards
+        config = PrepareConfig(
+            source="scenes", root=str(root / "scenes"), split=split, out=str(root / split), shard_samples=7,
+            synthetic_prompts=split == "train", seed=0, progress_every=60.0,
+        )
+        run_prepare(config, log=lambda _: None)
+    clip = make_tiny_clip(root / "clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)))
+    return root, clip
+
+
+def experiment(root: Path, clip: Path, workdir: Path, *overrides: str):
+    from segvlm.config import ExperimentConfig, load_config
+
+    return load_config(
+        ExperimentConfig,
+        Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+        [
+            f"model.backbone.pretrained={clip}",
+            f"model.backbone.image_size={IMAGE_SIZE}",
+            f"data.train_shards={root / 'train'}",
+            f"data.val_shards={root / 'val'}",
+            f"workdir={workdir}",
+            "train.time_budget_s=0",
+            "train.batch_size=8",
+            "train.num_workers=2",
+            "train.log_every=2",
+            "train.overlays=2",
+            "optim.warmup_steps=2",
+            "tracking.system_metrics=false",
+            *overrides,
+        ],
+    )
+
+
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_run(data, tmp_path, monkeypatch):
+    from jobs.train import run_training
+    from jobs.train_loop import FAIL_ENV
+    from pipeline.manifest import load_sizes
+
+    root, clip = data
+    sizes = sorted(load_sizes(root / "train").values())
+    assert sizes[0] != sizes[-1], "the training shards should be uneven for this test"
+    marker = tmp_path / "killed"
+    # rank 1 dies hard (os._exit) at step 7, after the checkpoint of step 5
+    monkeypatch.setenv(FAIL_ENV, f"7:1:{marker}")
+    cfg = experiment(
+        root, clip, tmp_path / "work", "train.steps=14", "train.ckpt_every=5", "train.val_every=10",
+        "train.max_failures=1", "train.run_name=fault", "tracking.experiment=fault-test",
+    )
+    started = time.perf_counter()
+    out = run_training(cfg)
+    assert time.perf_counter() - started < 600
+    assert marker.exists(), "the fault was not injected"
+    assert out["steps"] == 14
+
+    client = mlflow_client(out["tracking_uri"])
+    experiment_id = client.get_experiment_by_name("fault-test").experiment_id
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == 1, "the resumed attempt must append to the same MLflow run"
+    run = runs[0]
+    assert run.info.run_id == out["run_id"]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = sorted(m.step for m in history)
+    # steps 6 (first attempt) and 6 again (second attempt, resumed from the step-5 checkpoint), up to 14
+    assert steps[0] == 2 and steps[-1] == 14
+    assert steps.count(6) == 2, f"expected step 6 logged by both attempts, got {steps}"
+    first, last = [m.value for m in sorted(history, key=lambda m: m.timestamp)][:: len(history) - 1]
+    assert last < first, f"training loss did not fall: {first} -> {last}"
+    for name in ("train/bce", "train/focal", "train/dice", "train/lr", "perf/samples_per_s", "perf/data_wait_share"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    for name in ("val/official/mean_iou", "val/official/cum_iou", "val/official/pr_at_0.5", "val/clipseg/ap",
+                 "val/boundary/f", "val/official/name/mean_iou"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    params = run.data.params
+    assert params["world_size"] == "2"
+    assert params["model.decoder.deformable"] == "True"
+    assert len(params["data.train_manifest_hash"]) == 64
+    assert params["git_commit"]
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    val_files = {a.path for a in client.list_artifacts(run.info.run_id, "val")}
+    assert any(p.endswith(".png") and "pr_curve" in p for p in val_files)
+    images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+    assert images, "prediction overlays were not logged with log_image"
+    version = client.get_model_version_by_alias(cfg.tracking.registered_model, "best")
+    assert version.run_id == run.info.run_id
+
+    # the best checkpoint loads and predicts
+    from PIL import Image
+
+    from segvlm.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(out["best_checkpoint"])
+    image = Image.new("RGB", (90, 70), "gray")
+    probabilities, _ = predictor.predict(image, "the red circle")
+    assert probabilities.shape == (70, 90)
+    assert np.isfinite(np.asarray(probabilities)).all()
+
+
+def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_path):
+    import torch
+
+    from jobs.eval import run_eval
+    from jobs.evaluation import evaluate, score_official_pngs
+    from pipeline.loader import make_eval_loader
+    from segvlm.checkpoint import load_checkpoint, save_checkpoint
+    from segvlm.registry import build_model
+
+    root, clip = data
+    cfg = experiment(root, clip, tmp_path).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_checkpoint(model, cfg, tmp_path / "ckpt")
+
+    report = run_eval(
+        str(tmp_path / "ckpt"), str(root / "test"), out=str(tmp_path / "eval"), split="test",
+        official_dir=str(tmp_path / "pngs"), num_workers=2, batch_size=5,
+    )
+    assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
+
+    model, _, _ = load_checkpoint(tmp_path / "ckpt")
+    loader = make_eval_loader(
+        root / "test", split="test", batch_size=3, image_size=IMAGE_SIZE, tokenizer=model.backbone.tokenize
+    )
+    single = evaluate(model, loader).metrics.compute()
+    for key, value in single.items():
+        if isinstance(value, float) and np.isnan(value):
+            assert np.isnan(report[key]), key
+        else:
+            assert report[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+    from pipeline.manifest import load_manifest
+
+    task_ids = set(load_manifest(root / "test").column("task_id").to_pylist())
+    assert {p.stem for p in (tmp_path / "pngs").glob("*.png")} == task_ids
+    official = score_official_pngs(tmp_path / "pngs", root / "test", split="test")
+    for key in ("official/mean_iou", "official/cum_iou", "official/pr@0.5", "official/pr@0.9", "official/count",
+                "official/name/mean_iou", "official/small/count"):
+        assert official[key] == pytest.approx(report[key], rel=1e-12, nan_ok=True), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
+    from jobs.train import run_training
+
+    root, clip = data
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not come up")
+                time.sleep(1)
+        cfg = experiment(
+            root, clip, tmp_path / "work", "train.steps=2", "train.num_workers=1", "train.ckpt_every=2",
+            "train.val_every=2", "train.run_name=server", "tracking.experiment=server-test",
+        )
+        out = run_training(cfg, tracking_uri=uri)
+        client = mlflow_client(uri)
+        run = client.get_run(out["run_id"])
+        assert run.info.status == "FINISHED"
+        assert "train/loss" in run.data.metrics and "val/official/mean_iou" in run.data.metrics
+        assert (tmp_path / "work" / "mlflow.db").exists() is False, "the local store must not be used"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
