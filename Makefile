@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/segvlm demo $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest $(if $(ARGS),$(ARGS),-q)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,8 @@ _QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Train V2 redirects print() to a logger and also tees it when MLflow wraps stdout: every line twice
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 

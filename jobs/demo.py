@@ -3,7 +3,7 @@
 Launch::
 
     segvlm demo                       # or: make demo
-    segvlm demo --workdir runs/demo --train-seconds 330 --images 2000
+    segvlm demo --workdir runs/demo --train-seconds 400 --images 2000
 
 Synthetic scenes → ``prepare`` (train with synthetic prompts; val; test) → a tiny CLIP saved with
 ``save_pretrained`` and loaded back with ``from_pretrained`` → ``train`` on a local Ray instance with 2 CPU
@@ -38,8 +38,10 @@ HEADLINE = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segvlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--images", type=int, default=2000, help="synthetic scenes to render (80/10/10 split)")
-    parser.add_argument("--train-seconds", type=float, default=330.0, help="training time budget")
+    parser.add_argument(
+        "--images", type=int, default=2000, help="synthetic scenes to render (80/10/10 split)"
+    )
+    parser.add_argument("--train-seconds", type=float, default=400.0, help="training time budget")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")
@@ -73,13 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     shards = workdir / "shards"
     for split in ("train", "val", "test"):
         config = PrepareConfig(
-            source="scenes", root=str(scenes), split=split, out=str(shards / split),
-            synthetic_prompts=split == "train", seed=args.seed, shard_samples=200,
+            source="scenes",
+            root=str(scenes),
+            split=split,
+            out=str(shards / split),
+            synthetic_prompts=split == "train",
+            seed=args.seed,
+            shard_samples=200,
         )
         run_prepare(config, cpus=os.cpu_count())
     stage("prepare")
 
-    clip_dir = make_tiny_clip(workdir / "tiny-clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)), seed=args.seed)
+    clip_dir = make_tiny_clip(
+        workdir / "tiny-clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)), seed=args.seed
+    )
     cfg = load_config(
         ExperimentConfig,
         CONFIG,
@@ -99,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     stage("train")
 
     report = run_eval(
-        trained["best_checkpoint"], str(shards / "test"), out=str(workdir / "eval-test"), split="test",
-        num_workers=args.workers, tracking_uri=trained["tracking_uri"], run_id=trained["run_id"],
+        trained["best_checkpoint"],
+        str(shards / "test"),
+        out=str(workdir / "eval-test"),
+        split="test",
+        num_workers=args.workers,
+        tracking_uri=trained["tracking_uri"],
+        run_id=trained["run_id"],
         experiment=cfg.tracking.experiment,
     )
     stage("eval")
@@ -108,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "test": report,
         "timings_s": timings | {"total": round(time.perf_counter() - start, 1)},
-        "train": {k: trained[k] for k in ("run_id", "run_name", "steps", "best_score", "best_step", "best_checkpoint")},
+        "train": {
+            k: trained[k]
+            for k in ("run_id", "run_name", "steps", "best_score", "best_step", "best_checkpoint")
+        },
         "tracking_uri": trained["tracking_uri"],
     }
     tmp = workdir / "summary.json.tmp"
@@ -116,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(workdir / "summary.json")
 
     print()
-    print(format_table([(k, report[k]) for k in HEADLINE if k in report], title="test metrics (synthetic scenes)"))
-    print(f"\nsteps trained: {trained['steps']}  total time: {summary['timings_s']['total']:.0f} s  {timings}")
+    print(
+        format_table(
+            [(k, report[k]) for k in HEADLINE if k in report], title="test metrics (synthetic scenes)"
+        )
+    )
+    print(
+        f"\nsteps trained: {trained['steps']}  total time: {summary['timings_s']['total']:.0f} s  {timings}"
+    )
     print(f"MLflow run: {trained['run_id']}  (experiment {cfg.tracking.experiment!r})")
     print(f"open the UI:  segvlm ui --workdir {args.workdir}   then browse http://127.0.0.1:5000")
     print(f"summary: {workdir / 'summary.json'}")

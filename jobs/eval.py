@@ -49,9 +49,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=world,
         num_workers=0,
     )
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else None
-    )
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else None
     start = time.perf_counter()
     kwargs = {"autocast": autocast} if autocast else {}
     result = evaluate(model, loader, device=device, official_dir=config["official_dir"], **kwargs)
@@ -110,7 +108,9 @@ def run_eval(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         # an evaluation keeps no Ray checkpoints; its storage is scratch space
-        run_config=RunConfig(name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=tempfile.mkdtemp()),
+        run_config=RunConfig(
+            name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=tempfile.mkdtemp()
+        ),
     )
     result = trainer.fit()
     if result.error:
@@ -120,7 +120,11 @@ def run_eval(
         from jobs.tracking import RunLogger
 
         with RunLogger(
-            enabled=True, tracking_uri=tracking_uri, experiment=experiment, workdir=out_dir, run_id=run_id,
+            enabled=True,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            workdir=out_dir,
+            run_id=run_id,
             run_name=None if run_id else f"eval-{Path(checkpoint).name}",
         ) as logger:
             logger.log_metrics({f"{split}/{k}": v for k, v in report.items()}, step=0)
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a segvlm checkpoint folder")
     parser.add_argument("--data", required=True, help="shard folder or URI written by `segvlm prepare`")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--out", default=None, help="where report.json goes (default: <checkpoint>/eval-<split>)")
+    parser.add_argument(
+        "--out", default=None, help="where report.json goes (default: <checkpoint>/eval-<split>)"
+    )
     parser.add_argument("--official-dir", default=None, help="also write {task_id}.png per task here")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -147,9 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or str(Path(args.checkpoint) / f"eval-{args.split}")
     report = run_eval(
-        args.checkpoint, args.data, out=out, split=args.split, official_dir=args.official_dir,
-        num_workers=args.num_workers, batch_size=args.batch_size, use_gpu=args.gpu, ray_address=args.ray_address,
-        tracking_uri=args.tracking_uri, run_id=args.run_id,
+        args.checkpoint,
+        args.data,
+        out=out,
+        split=args.split,
+        official_dir=args.official_dir,
+        num_workers=args.num_workers,
+        batch_size=args.batch_size,
+        use_gpu=args.gpu,
+        ray_address=args.ray_address,
+        tracking_uri=args.tracking_uri,
+        run_id=args.run_id,
     )
     from segvlm.metrics import format_markdown_table
 

@@ -94,7 +94,9 @@ def evaluate(
     for batch in loader:
         with autocast():
             logits = model(
-                batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                batch["pixel_values"].to(device),
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
             )
         logits = logits.float().cpu()  # B×1×S×S
         probabilities = torch.sigmoid(logits)[:, 0]
@@ -106,7 +108,9 @@ def evaluate(
                 write_png_atomic(pred, out_dir / f"{task_id}.png")
             # the official ground truth: polygons (original-image pixels) rasterised at the original size
             gt = rasterize_polygons(batch["polygons"][i], width, height).astype(bool)
-            if batch["kind"][i] == "negative":  # empty target: scored apart (official/negative/*), see EvalMetrics
+            if (
+                batch["kind"][i] == "negative"
+            ):  # empty target: scored apart (official/negative/*), see EvalMetrics
                 result.metrics.official.update(pred, gt, phrase_type=None, num_instances=0, negative=True)
                 continue
             result.metrics.update(
@@ -128,12 +132,14 @@ def evaluate(
     return result
 
 
-def log_evaluation(logger: Any, result: EvalResult, summary: dict[str, float], *, step: int, prefix: str) -> None:
+def log_evaluation(
+    logger: Any, result: EvalResult, summary: dict[str, float], *, step: int, prefix: str
+) -> None:
     """Rank 0: every metric (``{prefix}/official/mean_iou`` …), overlays with a step slider, PR figure."""
     if not logger.enabled:
         return
     logger.log_metrics({f"{prefix}/{k}": v for k, v in summary.items()}, step=step)
-    for index, (task_id, picture) in enumerate(result.overlays):
+    for index, (_task_id, picture) in enumerate(result.overlays):
         logger.log_image(picture, key=f"{prefix}_overlay_{index}", step=step)
     logger.log_figure(pr_figure(result.metrics), f"{prefix}/pr_curve_step{step:07d}.png")
     logger.log_dict(summary, f"{prefix}/report_step{step:07d}.json")
@@ -164,7 +170,9 @@ def report_markdown(summary: dict[str, float]) -> str:
     return format_markdown_table(summary)
 
 
-def score_official_pngs(pred_dir: str | Path, shards: str | Path, *, split: str | None = None) -> dict[str, float]:
+def score_official_pngs(
+    pred_dir: str | Path, shards: str | Path, *, split: str | None = None
+) -> dict[str, float]:
     """Recompute the official metrics from ``{task_id}.png`` files, as the PhraseCut evaluator does.
 
     The evaluator's recipe: read each prediction PNG (non-zero = foreground) at the original image size,
@@ -184,11 +192,16 @@ def score_official_pngs(pred_dir: str | Path, shards: str | Path, *, split: str 
                     pred = np.asarray(picture.convert("L")) > 0
             else:
                 pred = np.zeros((height, width), dtype=bool)
-            polygons = polygons_at_original_size(task.polygons or [], record.width, record.height, width, height)
+            polygons = polygons_at_original_size(
+                task.polygons or [], record.width, record.height, width, height
+            )
             gt = rasterize_polygons(polygons, width, height).astype(bool)
             negative = task.kind == "negative"
             metrics.update(
-                pred, gt, phrase_type=None if negative else task.phrase_type,
-                num_instances=0 if negative else task.num_instances, negative=negative,
+                pred,
+                gt,
+                phrase_type=None if negative else task.phrase_type,
+                num_instances=0 if negative else task.num_instances,
+                negative=negative,
             )
     return metrics.compute()

@@ -17,7 +17,9 @@ class SegVLMPyFunc(mlflow.pyfunc.PythonModel):
 
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def predict(
+        self, context: Any, model_input: Any, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         from PIL import Image
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)

@@ -168,7 +168,9 @@ class RunLogger:
 
             mlflow.log_artifacts(str(local_dir), artifact_path)
 
-    def log_checkpoint_model(self, checkpoint_dir: str | Path, registered_name: str, alias: str = "best") -> str | None:
+    def log_checkpoint_model(
+        self, checkpoint_dir: str | Path, registered_name: str, alias: str = "best"
+    ) -> str | None:
         """Log a segvlm checkpoint as an MLflow pyfunc model and register it with ``alias``.
 
         The weights travel as the checkpoint's safetensors file (no pickled tensors); the pyfunc wrapper

@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segvlm train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=500")
-    parser.add_argument("--workdir", help="local folder for the MLflow store, Ray results and the best checkpoint")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in workdir)")
+    parser.add_argument(
+        "--workdir", help="local folder for the MLflow store, Ray results and the best checkpoint"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in workdir)"
+    )
     parser.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' on a cluster node)")
     return parser
 
@@ -59,7 +63,9 @@ def run_training(
     run_name = cfg.train.run_name or time.strftime("segvlm-%Y%m%d-%H%M%S")
     storage = cfg.train.storage_path or str(workdir / "ray_results")
     cfg = dataclasses.replace(
-        cfg, workdir=str(workdir), train=dataclasses.replace(cfg.train, run_name=run_name, storage_path=storage)
+        cfg,
+        workdir=str(workdir),
+        train=dataclasses.replace(cfg.train, run_name=run_name, storage_path=storage),
     )
     tracking = resolve_tracking_uri(tracking_uri if tracking_uri is not None else cfg.tracking.uri, workdir)
 
@@ -78,7 +84,8 @@ def run_training(
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+            | ({"GPU": 1} if cfg.train.use_gpu else {}),
         ),
         run_config=RunConfig(
             name=run_name,
@@ -97,7 +104,9 @@ def run_training(
     if result.error:
         raise result.error
 
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get(SCORE_KEY, -1.0))
+    best_checkpoint, best_metrics = max(
+        result.best_checkpoints, key=lambda item: item[1].get(SCORE_KEY, -1.0)
+    )
     best_dir = workdir / run_name / "best"
     with best_checkpoint.as_directory() as ckpt_dir:
         import torch
@@ -110,7 +119,13 @@ def run_training(
         tmp.rename(best_dir)
 
     run_id = state["run_id"]
-    logger = RunLogger(enabled=True, tracking_uri=tracking, experiment=cfg.tracking.experiment, workdir=workdir, run_id=run_id)
+    logger = RunLogger(
+        enabled=True,
+        tracking_uri=tracking,
+        experiment=cfg.tracking.experiment,
+        workdir=workdir,
+        run_id=run_id,
+    )
     with logger:
         version = logger.log_checkpoint_model(best_dir, cfg.tracking.registered_model, alias="best")
         logger.set_tags({"best_step": best_metrics.get("step"), "best_checkpoint": str(best_dir)})
@@ -134,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"workdir={args.workdir}")
     cfg = load_config(ExperimentConfig, args.config, overrides)
     if not cfg.data.train_shards:
-        raise SystemExit("segvlm train: data.train_shards is empty; run `segvlm prepare` first and pass its folder")
+        raise SystemExit(
+            "segvlm train: data.train_shards is empty; run `segvlm prepare` first and pass its folder"
+        )
     out = run_training(cfg, tracking_uri=args.tracking_uri, ray_address=args.ray_address)
     print(
         f"\nrun {out['run_name']} finished: {out['steps']} steps in {out['seconds']:.0f} s; best validation mean IoU "

@@ -14,6 +14,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,7 +36,6 @@ from segvlm.registry import build_model
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"
 SCORE_KEY = "val_mean_iou"  # CheckpointConfig.checkpoint_score_attribute
-CALIBRATION_STEPS = 20  # steps timed before a time budget fixes the run's length
 FAIL_ENV = "SEGVLM_FAIL_AT_STEP"  # fault injection for tests: "STEP:RANK:MARKER_FILE", read by the driver
 
 
@@ -68,7 +68,10 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
 
 
@@ -90,16 +93,20 @@ def _agree_stop(stop: bool, world: int) -> bool:
     return bool(flag.item())
 
 
-def _fit_steps_to_budget(train: Any, step: int, elapsed: float, world: int) -> int:
-    """Total steps that fit ``train.time_budget_s`` at the pace of the last ``CALIBRATION_STEPS`` steps
-    (slowest rank), so the cosine schedule ends when the budget does. Every rank gets the same answer."""
-    seconds_per_step = elapsed / CALIBRATION_STEPS
+def _fit_steps_to_budget(
+    train: Any, step: int, elapsed: float, window_seconds: float, window_steps: int, world: int
+) -> int:
+    """Total steps that fit ``train.time_budget_s`` at the pace of the last logging window, so the cosine
+    schedule ends when the budget does. Re-estimated at every log step; all ranks agree on the smallest
+    answer (they must stop at the same step, or ``ray.train.report``, a barrier, hangs)."""
+    seconds_per_step = window_seconds / max(window_steps, 1)
+    fits = step + int(max(0.0, train.time_budget_s - elapsed) / max(seconds_per_step, 1e-9))
+    total = max(step, min(train.steps, fits))
     if world > 1 and dist.is_initialized():
-        pace = torch.tensor([seconds_per_step], dtype=torch.float64)
-        dist.all_reduce(pace, op=dist.ReduceOp.MAX)
-        seconds_per_step = float(pace.item())
-    fits = step + int(max(0.0, train.time_budget_s - elapsed) / seconds_per_step)
-    return max(step + 1, min(train.steps, fits))
+        agreed = torch.tensor([total], dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        total = int(agreed.item())
+    return total
 
 
 def _maybe_inject_failure(spec: str | None, step: int, rank: int) -> None:
@@ -115,9 +122,15 @@ def _maybe_inject_failure(spec: str | None, step: int, rank: int) -> None:
 
 
 def _save_train_checkpoint(
-    directory: Path, model: torch.nn.Module, cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, state: dict
+    directory: Path,
+    model: torch.nn.Module,
+    cfg: ExperimentConfig,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
 ) -> None:
-    save_checkpoint(model, cfg.model, directory / MODEL_DIR, extra={"step": state["step"], "run_id": state["run_id"]})
+    save_checkpoint(
+        model, cfg.model, directory / MODEL_DIR, extra={"step": state["step"], "run_id": state["run_id"]}
+    )
     torch.save({"optimizer": optimizer.state_dict(), **state}, directory / TRAIN_STATE)
 
 
@@ -126,6 +139,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = from_dict(ExperimentConfig, loop_config["experiment"])
+    # DDP's bucket views cannot match the strides torch picks for a ConvTranspose weight with one input
+    # channel; harmless (one extra copy) but printed by every worker
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
@@ -137,7 +153,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state: dict[str, Any] = {
         "step": 0,
         "samples": 0,
-        "total_steps": cfg.train.steps,  # cut to what fits train.time_budget_s once the step time is measured
+        "total_steps": cfg.train.steps,  # cut to what fits train.time_budget_s as the pace is measured
+        "seconds": 0.0,  # training time of earlier attempts, so a resumed run keeps its time budget
         "run_id": loop_config.get("run_id"),
         "best": -1.0,
     }
@@ -196,28 +213,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         world_size=world,
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        crop_scale=cfg.data.crop_scale,
     )
     batches = iter(train_loader)
     loss_fn = RAFLoss(cfg.loss)
     accum = cfg.train.grad_accum
     trainable = [p for p in core.parameters() if p.requires_grad]
-    progress = Progress(cfg.train.steps - state["step"], label="train", unit="steps", every=10.0) if rank == 0 else None
+    start_step = state["step"]
+    progress = (
+        Progress(state["total_steps"] - start_step, label="train", unit="steps", every=10.0)
+        if rank == 0
+        else None
+    )
     window: dict[str, float] = defaultdict(float)
     window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     last_score = float("nan")
 
     model.train()
-    # a resumed run keeps the length its first attempt measured (total_steps lives in the checkpoint)
-    needs_calibration = cfg.train.time_budget_s > 0 and state["total_steps"] == cfg.train.steps
-    calibrate_at = state["step"] + CALIBRATION_STEPS if needs_calibration else -1
+    seconds_before = state["seconds"]
     while state["step"] < state["total_steps"]:
         step = state["step"]
         _maybe_inject_failure(loop_config.get("fail_at"), step, rank)
-        if step == calibrate_at:
-            state["total_steps"] = _fit_steps_to_budget(cfg.train, step, time.perf_counter() - run_start, world)
-            if rank == 0:
-                print(f"[segvlm] time budget {cfg.train.time_budget_s:.0f} s: training for {state['total_steps']} steps")
         lr = learning_rate(step, cfg.optim, state["total_steps"])
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -252,11 +269,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             samples_per_s = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
             wait_share = _all_reduce_mean({"w": window_wait / max(elapsed, 1e-9)}, world)["w"]
             metrics = {f"train/{k}": v for k, v in means.items()}
-            metrics |= {"train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait_share}
+            metrics |= {
+                "train/lr": lr,
+                "perf/samples_per_s": samples_per_s,
+                "perf/data_wait_share": wait_share,
+            }
             logger.log_metrics(metrics, step=state["step"])
             if progress is not None:
                 terms_text = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "grad_norm")
-                progress.update(window_steps, loss=terms_text, samples_per_s=f"{samples_per_s:.1f}", data_wait=f"{wait_share:.0%}")
+                progress.update(
+                    window_steps,
+                    loss=terms_text,
+                    samples_per_s=f"{samples_per_s:.1f}",
+                    data_wait=f"{wait_share:.0%}",
+                )
+            if cfg.train.time_budget_s > 0:
+                state["total_steps"] = _fit_steps_to_budget(
+                    cfg.train,
+                    state["step"],
+                    seconds_before + time.perf_counter() - run_start,
+                    elapsed,
+                    window_steps,
+                    world,
+                )
+                done = state["step"] >= state["total_steps"]
+                if progress is not None:
+                    progress.total = state["total_steps"] - start_step
             window.clear()
             window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
 
@@ -298,6 +336,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory(prefix="segvlm-ckpt-") as tmp:
                 ckpt = None
                 if rank == 0:
+                    state["seconds"] = seconds_before + time.perf_counter() - run_start
                     _save_train_checkpoint(Path(tmp), core, cfg, optimizer, state)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"step-{state['step']:07d}")

@@ -20,7 +20,9 @@ from pathlib import Path
 from jobs.tracking import artifact_root, resolve_tracking_uri
 
 
-def server_command(workdir: str | Path, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+def server_command(
+    workdir: str | Path, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1
+) -> list[str]:
     uri = resolve_tracking_uri("", workdir)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--default-artifact-root", artifact_root(uri, workdir), "--host", host, "--port", str(port)]
@@ -30,12 +32,18 @@ def server_command(workdir: str | Path, *, host: str = "127.0.0.1", port: int = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segvlm ui", description="Start the MLflow UI on the local store.")
-    parser.add_argument("--workdir", default="runs/demo", help="the folder holding mlflow.db (default runs/demo)")
+    parser.add_argument(
+        "--workdir", default="runs/demo", help="the folder holding mlflow.db (default runs/demo)"
+    )
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
+    )
     args = parser.parse_args(argv)
     if not (Path(args.workdir) / "mlflow.db").exists():
-        print(f"segvlm ui: no MLflow store at {Path(args.workdir) / 'mlflow.db'}; run `segvlm demo` or train first")
+        print(
+            f"segvlm ui: no MLflow store at {Path(args.workdir) / 'mlflow.db'}; run `segvlm demo` or train first"
+        )
         return 2
     command = server_command(args.workdir, host=args.host, port=args.port)
     print(f"MLflow UI: http://{args.host}:{args.port}  (store {command[5]}; Ctrl-C to stop)", flush=True)

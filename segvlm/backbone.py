@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,7 +100,7 @@ def make_tiny_clip(out_dir: str | Path, words: Iterable[str] = DEFAULT_TINY_WORD
 
 
 @contextlib.contextmanager
-def _fork_rng(seed: int):
+def _fork_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

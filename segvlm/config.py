@@ -50,7 +50,9 @@ class BackboneConfig:
         if self.image_size <= 0 or self.image_size % 16:
             raise ConfigError(f"backbone.image_size must be a positive multiple of 16, got {self.image_size}")
         if not self.extract_layers or list(self.extract_layers) != sorted(set(self.extract_layers)):
-            raise ConfigError(f"backbone.extract_layers must be increasing and unique, got {self.extract_layers}")
+            raise ConfigError(
+                f"backbone.extract_layers must be increasing and unique, got {self.extract_layers}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +79,23 @@ class DecoderConfig:
 
     def validate(self) -> None:
         if self.reduce_dim % self.num_heads:
-            raise ConfigError(f"decoder.reduce_dim {self.reduce_dim} not divisible by num_heads {self.num_heads}")
+            raise ConfigError(
+                f"decoder.reduce_dim {self.reduce_dim} not divisible by num_heads {self.num_heads}"
+            )
         if self.se_reduction < 1:
             raise ConfigError("decoder.se_reduction must be >= 1")
         if self.cross_attention and self.reduce_dim % 4:
-            raise ConfigError(f"decoder.cross_attention needs reduce_dim divisible by 4 (2-D sin-cos), got {self.reduce_dim}")
+            raise ConfigError(
+                f"decoder.cross_attention needs reduce_dim divisible by 4 (2-D sin-cos), got {self.reduce_dim}"
+            )
         if self.stem_skip and not self.complex_transposed_convolution:
-            raise ConfigError("decoder.stem_skip needs complex_transposed_convolution (it joins after the first ConvT)")
+            raise ConfigError(
+                "decoder.stem_skip needs complex_transposed_convolution (it joins after the first ConvT)"
+            )
         if self.deform_impl not in ("auto", "native", "torchvision"):
-            raise ConfigError(f"decoder.deform_impl must be 'auto', 'native' or 'torchvision', got {self.deform_impl!r}")
+            raise ConfigError(
+                f"decoder.deform_impl must be 'auto', 'native' or 'torchvision', got {self.deform_impl!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,12 +306,18 @@ class DataConfig:
     phrase_type_balance: bool = False
     num_workers: int = 1  # DataLoader workers per training worker
     shuffle_buffer: int = 1000
+    # side of CLIPSeg's random square crop as a share of the shorter image side; (1, 1) turns cropping off,
+    # which phrases about relations and superlatives ("the largest circle") need on small scenes
+    crop_scale: tuple[float, float] = (0.5, 1.0)
 
     def validate(self) -> None:
         if not 0 <= self.negative_rate < 1:
             raise ConfigError(f"data.negative_rate must lie in [0, 1), got {self.negative_rate}")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +333,9 @@ class OptimConfig:
 
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+            raise ConfigError(
+                f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}"
+            )
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
 

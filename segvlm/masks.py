@@ -62,4 +62,6 @@ def polygons_at_original_size(
     if (orig_width, orig_height) == (width, height):
         return [[[list(map(float, p)) for p in polygon] for polygon in inst] for inst in instances]
     sx, sy = orig_width / width, orig_height / height
-    return [[[[round(x * sx, 4), round(y * sy, 4)] for x, y in polygon] for polygon in inst] for inst in instances]
+    return [
+        [[[round(x * sx, 4), round(y * sy, 4)] for x, y in polygon] for polygon in inst] for inst in instances
+    ]

@@ -24,9 +24,9 @@ IMAGE_SIZE = 64
 
 @pytest.fixture(scope="module")
 def ray_local():
-    from jobs.common import init_ray
-
     import ray
+
+    from jobs.common import init_ray
 
     init_ray(None, num_cpus=2)
     yield
@@ -45,8 +45,14 @@ def data(ray_local, tmp_path_factory):
     for split in ("train", "val", "test"):
         # 7 images a shard: the 48 training images give shards of 7 × 6 + 6, so ranks read uneven shards
         config = PrepareConfig(
-            source="scenes", root=str(root / "scenes"), split=split, out=str(root / split), shard_samples=7,
-            synthetic_prompts=split == "train", seed=0, progress_every=60.0,
+            source="scenes",
+            root=str(root / "scenes"),
+            split=split,
+            out=str(root / split),
+            shard_samples=7,
+            synthetic_prompts=split == "train",
+            seed=0,
+            progress_every=60.0,
         )
         run_prepare(config, log=lambda _: None)
     clip = make_tiny_clip(root / "clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)))
@@ -83,7 +89,9 @@ def mlflow_client(uri: str):
     return MlflowClient(uri)
 
 
-def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_run(data, tmp_path, monkeypatch):
+def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_run(
+    data, tmp_path, monkeypatch
+):
     from jobs.train import run_training
     from jobs.train_loop import FAIL_ENV
     from pipeline.manifest import load_sizes
@@ -95,8 +103,15 @@ def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_ru
     # rank 1 dies hard (os._exit) at step 7, after the checkpoint of step 5
     monkeypatch.setenv(FAIL_ENV, f"7:1:{marker}")
     cfg = experiment(
-        root, clip, tmp_path / "work", "train.steps=14", "train.ckpt_every=5", "train.val_every=10",
-        "train.max_failures=1", "train.run_name=fault", "tracking.experiment=fault-test",
+        root,
+        clip,
+        tmp_path / "work",
+        "train.steps=14",
+        "train.ckpt_every=5",
+        "train.val_every=10",
+        "train.max_failures=1",
+        "train.run_name=fault",
+        "tracking.experiment=fault-test",
     )
     started = time.perf_counter()
     out = run_training(cfg)
@@ -117,10 +132,23 @@ def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_ru
     assert steps.count(6) == 2, f"expected step 6 logged by both attempts, got {steps}"
     first, last = [m.value for m in sorted(history, key=lambda m: m.timestamp)][:: len(history) - 1]
     assert last < first, f"training loss did not fall: {first} -> {last}"
-    for name in ("train/bce", "train/focal", "train/dice", "train/lr", "perf/samples_per_s", "perf/data_wait_share"):
+    for name in (
+        "train/bce",
+        "train/focal",
+        "train/dice",
+        "train/lr",
+        "perf/samples_per_s",
+        "perf/data_wait_share",
+    ):
         assert client.get_metric_history(run.info.run_id, name), name
-    for name in ("val/official/mean_iou", "val/official/cum_iou", "val/official/pr_at_0.5", "val/clipseg/ap",
-                 "val/boundary/f", "val/official/name/mean_iou"):
+    for name in (
+        "val/official/mean_iou",
+        "val/official/cum_iou",
+        "val/official/pr_at_0.5",
+        "val/clipseg/ap",
+        "val/boundary/f",
+        "val/official/name/mean_iou",
+    ):
         assert client.get_metric_history(run.info.run_id, name), name
     params = run.data.params
     assert params["world_size"] == "2"
@@ -165,8 +193,13 @@ def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_
     save_checkpoint(model, cfg, tmp_path / "ckpt")
 
     report = run_eval(
-        str(tmp_path / "ckpt"), str(root / "test"), out=str(tmp_path / "eval"), split="test",
-        official_dir=str(tmp_path / "pngs"), num_workers=2, batch_size=5,
+        str(tmp_path / "ckpt"),
+        str(root / "test"),
+        out=str(tmp_path / "eval"),
+        split="test",
+        official_dir=str(tmp_path / "pngs"),
+        num_workers=2,
+        batch_size=5,
     )
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
 
@@ -186,8 +219,15 @@ def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_
     task_ids = set(load_manifest(root / "test").column("task_id").to_pylist())
     assert {p.stem for p in (tmp_path / "pngs").glob("*.png")} == task_ids
     official = score_official_pngs(tmp_path / "pngs", root / "test", split="test")
-    for key in ("official/mean_iou", "official/cum_iou", "official/pr@0.5", "official/pr@0.9", "official/count",
-                "official/name/mean_iou", "official/small/count"):
+    for key in (
+        "official/mean_iou",
+        "official/cum_iou",
+        "official/pr@0.5",
+        "official/pr@0.9",
+        "official/count",
+        "official/name/mean_iou",
+        "official/small/count",
+    ):
         assert official[key] == pytest.approx(report[key], rel=1e-12, nan_ok=True), key
 
 
@@ -203,10 +243,25 @@ def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
     root, clip = data
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -221,8 +276,15 @@ def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
                     pytest.fail("mlflow server did not come up")
                 time.sleep(1)
         cfg = experiment(
-            root, clip, tmp_path / "work", "train.steps=2", "train.num_workers=1", "train.ckpt_every=2",
-            "train.val_every=2", "train.run_name=server", "tracking.experiment=server-test",
+            root,
+            clip,
+            tmp_path / "work",
+            "train.steps=2",
+            "train.num_workers=1",
+            "train.ckpt_every=2",
+            "train.val_every=2",
+            "train.run_name=server",
+            "tracking.experiment=server-test",
         )
         out = run_training(cfg, tracking_uri=uri)
         client = mlflow_client(uri)
