@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=2, help="num_cpus of the local Ray instance")
-    parser.add_argument("--shard-samples", type=int, default=100, help="images per shard (= per Ray task)")
+    parser.add_argument("--shard-samples", type=int, default=250, help="images per shard (= per Ray task)")
     parser.add_argument("--naive-images", type=int, default=500, help="images the (slow) baseline runs on")
     parser.add_argument("--repeat", type=int, default=2, help="alternate runs; the best of each is reported")
     parser.add_argument("--json", action="store_true", help="also print one JSON line")

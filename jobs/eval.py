@@ -29,9 +29,10 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from jobs.evaluation import evaluate, report_markdown
+    from jobs.evaluation import evaluate
     from pipeline.loader import make_eval_loader
     from segvlm.checkpoint import load_checkpoint
+    from segvlm.metrics import format_markdown_table
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -59,7 +60,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         out = Path(config["out"])
         out.mkdir(parents=True, exist_ok=True)
         _write_atomic(out / "report.json", json.dumps(summary, indent=2, sort_keys=True))
-        _write_atomic(out / "report.md", report_markdown(summary))
+        _write_atomic(out / "report.md", format_markdown_table(summary))
         curve = {k: [float(x) for x in v] for k, v in result.metrics.clipseg.pr_curve().items()}
         _write_atomic(out / "pr_curve.json", json.dumps(curve))
     ray.train.report({"tasks": summary.get("official/count", 0.0)})

@@ -21,7 +21,7 @@ from PIL import Image
 
 from segvlm.inference import overlay, probabilities_to_size
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
-from segvlm.metrics import EvalMetrics, format_markdown_table
+from segvlm.metrics import EvalMetrics
 from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
@@ -164,10 +164,6 @@ def pr_figure(metrics: EvalMetrics) -> Any:
     figure.tight_layout()
     plt.close(figure)
     return figure
-
-
-def report_markdown(summary: dict[str, float]) -> str:
-    return format_markdown_table(summary)
 
 
 def score_official_pngs(

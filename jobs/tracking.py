@@ -8,10 +8,8 @@ server, reached through port forwarding).
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -202,13 +200,3 @@ def _param_value(value: Any) -> str:
 def _metric_key(key: str) -> str:
     # MLflow keys allow alphanumerics, _ - . space / : ; '@' is not among them.
     return key.replace("@", "_at_")
-
-
-def figure_to_png(figure: Any) -> bytes:
-    buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def temp_dir(prefix: str = "segvlm-") -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=prefix)

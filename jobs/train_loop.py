@@ -84,15 +84,6 @@ def _all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
 
 
-def _agree_stop(stop: bool, world: int) -> bool:
-    """Every rank must stop at the same step or ``ray.train.report`` (a barrier) hangs."""
-    if world == 1 or not dist.is_initialized():
-        return stop
-    flag = torch.tensor([1.0 if stop else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def _fit_steps_to_budget(
     train: Any, step: int, elapsed: float, window_seconds: float, window_steps: int, world: int
 ) -> int:

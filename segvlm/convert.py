@@ -334,8 +334,7 @@ def clipseg_to_segvlm(
     from transformers import CLIPModel
 
     from segvlm.backbone import CLIPBackbone
-    from segvlm.decoder import SegDecoder
-    from segvlm.model import SegVLM
+    from segvlm.registry import build_model
 
     cfg = model_config_from_clipseg(hf_model.config, image_size=image_size, segvlm=segvlm)
     clip_sd, decoder_sd = split_clipseg_state_dict(hf_model.state_dict())
@@ -346,26 +345,15 @@ def clipseg_to_segvlm(
         backbone = CLIPBackbone(clip, tokenizer, cfg.backbone)
     except ValueError as err:
         raise ConvertError(str(err)) from err
-    decoder = SegDecoder(
-        cfg.decoder,
-        vision_width=backbone.vision_width,
-        text_width=backbone.text_width,
-        projection_dim=backbone.projection_dim,
-        num_layers=backbone.num_layers,
-        patch_size=backbone.patch_size,
-    )
+    model = build_model(cfg, backbone=backbone)
     # SegVLM's new parts are exactly the decoder parameters a CLIPSeg decoder of the same widths lacks.
-    reference = SegDecoder(
-        dataclasses.replace(cfg.decoder, **dict.fromkeys(SEGVLM_SWITCHES, False)),
-        vision_width=backbone.vision_width,
-        text_width=backbone.text_width,
-        projection_dim=backbone.projection_dim,
-        num_layers=backbone.num_layers,
-        patch_size=backbone.patch_size,
+    clipseg_cfg = dataclasses.replace(
+        cfg, decoder=dataclasses.replace(cfg.decoder, **dict.fromkeys(SEGVLM_SWITCHES, False))
     )
-    new_parts = set(decoder.state_dict()) - set(reference.state_dict())
-    _load_exact(decoder, decoder_sd, "decoder", allow_missing=new_parts)
-    return SegVLM(backbone, decoder).eval(), cfg
+    reference = build_model(clipseg_cfg, backbone=backbone).decoder
+    new_parts = set(model.decoder.state_dict()) - set(reference.state_dict())
+    _load_exact(model.decoder, decoder_sd, "decoder", allow_missing=new_parts)
+    return model.eval(), cfg
 
 
 def convert_clipseg(
