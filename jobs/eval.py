@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,9 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=world,
         num_workers=0,
     )
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else nullcontext
     start = time.perf_counter()
-    kwargs = {"autocast": autocast} if autocast else {}
-    result = evaluate(model, loader, device=device, official_dir=config["official_dir"], **kwargs)
+    result = evaluate(model, loader, device=device, autocast=autocast, official_dir=config["official_dir"])
     summary = result.all_reduce().compute()
     summary["seconds"] = time.perf_counter() - start
     if rank == 0:
