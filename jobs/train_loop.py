@@ -256,9 +256,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         done = state["step"] >= state["total_steps"]
         if state["step"] % cfg.train.log_every == 0 or done:
             elapsed = time.perf_counter() - window_start
+            # one all-reduce for the loss terms and the data-wait share together
+            window["data_wait_share"] = window_wait / max(elapsed, 1e-9) * window_steps
             means = _all_reduce_mean({k: v / window_steps for k, v in window.items()}, world)
+            wait_share = means.pop("data_wait_share")
             samples_per_s = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
-            wait_share = _all_reduce_mean({"w": window_wait / max(elapsed, 1e-9)}, world)["w"]
             metrics = {f"train/{k}": v for k, v in means.items()}
             metrics |= {
                 "train/lr": lr,
