@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, quiet_environment
+from jobs.common import init_ray, quiet_environment, to_json
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
 
@@ -387,7 +387,7 @@ def run_ablation(
             "eval_data": str(eval_data),
             "rows": rows,
         }
-        (out_dir / "ablation.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        (out_dir / "ablation.json").write_text(to_json(summary, indent=2, default=_json_default))
         bar_chart(rows, out_dir / "ablation.png", split=eval_split)
         for file in ("ablation.md", "ablation.json", "ablation.png"):
             client.log_artifact(parent_id, str(out_dir / file))

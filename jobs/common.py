@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 _QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -15,6 +18,22 @@ _QUIET_ENV = {
     # Train V2 redirects print() to a logger and also tees it when MLflow wraps stdout: every line twice
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
+
+
+def to_json(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes NaN / ±inf (a metric of an empty subset) as ``null``: strict JSON, which
+    ``json.dumps`` alone does not produce, so every JSON reader can load our reports."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), allow_nan=False, **kwargs)
 
 
 def quiet_environment() -> None:

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, quiet_environment
+from jobs.common import init_ray, quiet_environment, to_json
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
@@ -59,7 +59,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         out = Path(config["out"])
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "report.json", json.dumps(summary, indent=2, sort_keys=True))
+        _write_atomic(out / "report.json", to_json(summary, indent=2, sort_keys=True))
         _write_atomic(out / "report.md", format_markdown_table(summary))
         curve = {k: [float(x) for x in v] for k, v in result.metrics.clipseg.pr_curve().items()}
         _write_atomic(out / "pr_curve.json", json.dumps(curve))

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         mix = ", ".join(f"{t} {types[t]} ({100 * types[t] / total:.0f}%)" for t in PHRASE_TYPES)
         print(f"  {split}: {summary['images'].get(split, 0)} images, {summary['tasks'][split]} tasks: {mix}")
     print(f"  multi-instance tasks: {summary['multi_instance_tasks']}")
+    floor = ", ".join(f"{split} {v:.3f}" for split, v in summary["every_shape_mean_iou"].items())
+    print(f"  mean IoU of marking every shape (a model that ignores the phrase): {floor}")
     return 0
 
 

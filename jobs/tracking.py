@@ -3,16 +3,24 @@
 Local default store: ``sqlite:///<workdir>/mlflow.db`` with artifacts in ``<workdir>/mlartifacts`` (MLflow 3
 refuses a plain ``./mlruns`` file store, and a sqlite store without an experiment ``artifact_location`` drops
 artifacts into ``<cwd>/mlruns``). On a cluster, pass ``--tracking-uri http://127.0.0.1:5000`` (the head's
-server, reached through port forwarding).
+server, reached through port forwarding). The rank-0 worker, on a GPU node, cannot reach that loopback-only
+server itself: it logs through a relay actor on the driver's node (``relay=``, ``jobs/tracking_relay.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+SYSTEM_METRICS_INTERVAL_S = 10
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -43,10 +51,28 @@ def get_or_create_experiment(tracking_uri: str, name: str, workdir: str | Path) 
     return mlflow.create_experiment(name, artifact_location=artifact_root(tracking_uri, workdir))
 
 
+def _relayable(method: Any) -> Any:
+    """With a relay, run ``method`` in the relay actor (same name, same arguments) instead of here."""
+
+    @functools.wraps(method)
+    def forward(self: RunLogger, *args: Any, **kwargs: Any) -> Any:
+        if self.relay is not None:
+            return self._relay_call(method.__name__, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return forward
+
+
 class RunLogger:
     """Rank-0 MLflow logger. Every method is a no-op when ``enabled`` is False (other ranks, or no tracking).
 
     ``start()`` creates a run or re-opens ``run_id`` (a resumed training run appends to the same MLflow run).
+
+    ``relay``: a ``TrackingRelay`` actor handle (``jobs/tracking_relay.py``). Then every call runs in that
+    actor, on the driver's node, with an enabled ``RunLogger`` of its own; this process only ships arguments,
+    reading local files (figures, folders) into bytes first. Calls block until the actor is done
+    (``ray.get``), so errors surface at the call and the order is kept. System metrics are then sampled in
+    this process (``RelayedSystemMetricsMonitor``), not by MLflow in the actor.
     """
 
     def __init__(
@@ -61,9 +87,13 @@ class RunLogger:
         system_metrics: bool = False,
         tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
+        relay: ActorHandle | None = None,
     ) -> None:
         self.enabled = enabled
-        self.tracking_uri = resolve_tracking_uri(tracking_uri, workdir) if enabled else tracking_uri
+        self.relay = relay if enabled else None
+        # with a relay, "" (the local sqlite store) is resolved by the actor, on the driver's node
+        local = enabled and self.relay is None
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, workdir) if local else tracking_uri
         self.experiment = experiment
         self.workdir = workdir
         self.run_id = run_id
@@ -72,16 +102,19 @@ class RunLogger:
         self.tags = dict(tags or {})
         self.parent_run_id = parent_run_id
         self._active = False
+        self._monitor: Any = None  # RelayedSystemMetricsMonitor, with a relay
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> str | None:
         if not self.enabled:
             return self.run_id
+        if self.relay is not None:
+            return self._start_relayed()
         import mlflow
 
         experiment_id = get_or_create_experiment(self.tracking_uri, self.experiment, self.workdir)
         if self.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(10)
+            mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         run = mlflow.start_run(
             run_id=self.run_id,
             experiment_id=None if self.run_id else experiment_id,
@@ -95,12 +128,41 @@ class RunLogger:
         self._active = True
         return self.run_id
 
+    def _start_relayed(self) -> str | None:
+        import ray
+
+        from jobs.tracking_relay import RelayedSystemMetricsMonitor
+
+        settings = {
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "workdir": str(self.workdir),
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "tags": self.tags,
+            "parent_run_id": self.parent_run_id,
+        }
+        self.run_id = ray.get(self.relay.open.remote(settings))
+        self._active = True
+        if self.system_metrics:
+            self._monitor = RelayedSystemMetricsMonitor(self)
+            self._monitor.start()
+        return self.run_id
+
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled and self._active:
+        if not (self.enabled and self._active):
+            return
+        if self._monitor is not None:
+            # stopped first: a sample logged after the run ended would open a new run in the actor
+            self._monitor.finish()
+            self._monitor = None
+        if self.relay is not None:
+            self._relay_call("end", status)
+        else:
             import mlflow
 
             mlflow.end_run(status=status)
-            self._active = False
+        self._active = False
 
     def __enter__(self) -> RunLogger:
         self.start()
@@ -109,7 +171,15 @@ class RunLogger:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type else "FINISHED")
 
+    def _relay_call(self, method: str, *args: Any, packed: Any = None, **kwargs: Any) -> Any:
+        """Run ``method`` in the relay actor and wait for it; ``packed`` (a folder as bytes, see
+        ``jobs.tracking_relay.pack_folder``) becomes its first argument there."""
+        import ray
+
+        return ray.get(self.relay.call.remote(method, args, kwargs, packed))
+
     # ------------------------------------------------------------------------------------------ logging
+    @_relayable
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
@@ -121,6 +191,7 @@ class RunLogger:
         if fresh:
             mlflow.log_params(fresh)
 
+    @_relayable
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled or not metrics:
             return
@@ -129,12 +200,14 @@ class RunLogger:
         clean = {_metric_key(k): float(v) for k, v in metrics.items() if v is not None}
         mlflow.log_metrics(clean, step=step)
 
+    @_relayable
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             import mlflow
 
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @_relayable
     def log_image(self, image: Any, key: str, step: int) -> None:
         """A PIL image under ``key`` at ``step``: the MLflow UI shows a step slider for it."""
         if self.enabled:
@@ -143,17 +216,25 @@ class RunLogger:
             mlflow.log_image(image, key=key, step=step)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        if self.enabled:
+        if self.relay is not None:
+            # the figure exists in this process only: ship its rendering, logged there as the same file
+            from jobs.tracking_relay import pack_figure
+
+            folder, name = posixpath.split(artifact_file)
+            self._relay_call("log_artifacts", folder or None, packed=pack_figure(figure, name))
+        elif self.enabled:
             import mlflow
 
             mlflow.log_figure(figure, artifact_file)
 
+    @_relayable
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
             import mlflow
 
             mlflow.log_text(text, artifact_file)
 
+    @_relayable
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         if self.enabled:
             import mlflow
@@ -161,7 +242,11 @@ class RunLogger:
             mlflow.log_dict(dict(data), artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
+        if self.relay is not None:
+            from jobs.tracking_relay import pack_folder
+
+            self._relay_call("log_artifacts", artifact_path, packed=pack_folder(local_dir))
+        elif self.enabled:
             import mlflow
 
             mlflow.log_artifacts(str(local_dir), artifact_path)
@@ -174,6 +259,12 @@ class RunLogger:
         The weights travel as the checkpoint's safetensors file (no pickled tensors); the pyfunc wrapper
         loads them with ``segvlm.checkpoint.load_checkpoint``.
         """
+        if self.relay is not None:
+            from jobs.tracking_relay import pack_folder
+
+            return self._relay_call(
+                "log_checkpoint_model", registered_name, alias, packed=pack_folder(checkpoint_dir)
+            )
         if not self.enabled:
             return None
         import mlflow
@@ -190,6 +281,18 @@ class RunLogger:
         version = mlflow.register_model(info.model_uri, registered_name)
         MlflowClient(self.tracking_uri).set_registered_model_alias(registered_name, alias, version.version)
         return version.version
+
+    @_relayable
+    def system_metrics_step(self) -> int:
+        """One past the run's last ``system/...`` step: where a resumed run's system metrics continue."""
+        if not self.enabled or not self.run_id:
+            return 0
+        from mlflow import MlflowClient
+
+        # the latest value of every metric with its step, as MLflow's own monitor reads it (no full history)
+        metrics = MlflowClient(self.tracking_uri).get_run(self.run_id).data._metric_objs
+        steps = [m.step for m in metrics if m.key.startswith("system/")]
+        return max(steps) + 1 if steps else 0
 
 
 def _param_value(value: Any) -> str:

@@ -48,6 +48,9 @@ def run_training(
 
     The best checkpoint (by validation mean IoU) is copied to ``<workdir>/<run_name>/best`` (a segvlm
     checkpoint folder) and registered in MLflow with the alias ``best``.
+
+    Runs on the driver. With ``cfg.tracking.relay`` (``auto``: a loopback tracking server) it first starts a
+    tracking relay actor on this node, through which the rank-0 worker logs; it is stopped after the fit.
     """
     quiet_environment()
     init_ray(ray_address)
@@ -55,6 +58,7 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.tracking import RunLogger, resolve_tracking_uri
+    from jobs.tracking_relay import needs_relay, start_relay, stop_relay
     from jobs.train_loop import FAIL_ENV, MODEL_DIR, SCORE_KEY, TRAIN_STATE, train_loop_per_worker
     from pipeline.manifest import manifest_hash
 
@@ -68,6 +72,8 @@ def run_training(
         train=dataclasses.replace(cfg.train, run_name=run_name, storage_path=storage),
     )
     tracking = resolve_tracking_uri(tracking_uri if tracking_uri is not None else cfg.tracking.uri, workdir)
+    # the driver runs on the head, next to a loopback-only MLflow server that the GPU nodes cannot reach
+    relay = start_relay() if needs_relay(cfg.tracking.relay, tracking) else None
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -79,6 +85,7 @@ def run_training(
             "train_manifest_hash": manifest_hash(cfg.data.train_shards),
             "val_manifest_hash": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "",
             "fail_at": os.environ.get(FAIL_ENV),
+            "tracking_relay": relay,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -99,7 +106,11 @@ def run_training(
         ),
     )
     start = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if relay is not None:
+            stop_relay(relay)  # ends the MLflow run as FAILED if rank 0 could not end it
     seconds = time.perf_counter() - start
     if result.error:
         raise result.error

@@ -2,9 +2,10 @@
 
 Each worker builds SegVLM from the registry, wraps it for DDP, reads its share of the shards through the
 training loader (same number of batches on every rank), and trains with the RAF loss. Rank 0 logs to MLflow
-through ``RunLogger``; every other rank gets a disabled logger. Checkpoints hold our model checkpoint
-(``model/``) plus the optimizer state, the step and the MLflow run id (``train_state.pt``), so a run resumed
-by ``FailureConfig`` or by rerunning the driver continues the same step count, schedule and MLflow run.
+through ``RunLogger`` (via the driver's tracking relay actor when ``run_training`` started one); every other
+rank gets a disabled logger. Checkpoints hold our model checkpoint (``model/``) plus the optimizer state, the
+step and the MLflow run id (``train_state.pt``), so a run resumed by ``FailureConfig`` or by rerunning the
+driver continues the same step count, schedule and MLflow run.
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_name=cfg.train.run_name or None,
         system_metrics=cfg.tracking.system_metrics,
         parent_run_id=loop_config.get("parent_run_id"),
+        relay=loop_config.get("tracking_relay"),
     )
     state["run_id"] = logger.start()
     if rank == 0 and state["step"] == 0:

@@ -589,6 +589,20 @@ def make_scene(seed: int, image_id: int, size: int = 128) -> Scene:
     return Scene(image_id, size, size, objects, image, owner, tasks)
 
 
+def every_shape_ious(scene: Scene) -> list[float]:
+    """Per task, the IoU of a prediction that marks every shape of the scene, whatever the phrase.
+
+    The floor a model reaches by finding shapes without grounding the phrase: targets are visible shapes, so
+    IoU = target pixels / all shape pixels.
+    """
+    shapes = np.count_nonzero(scene.owner)
+    ious = []
+    for task in scene.tasks:
+        instances = [int(ann.split("x")[0]) for ann in task["ann_ids"]]  # ann id k (+ "x<v>") = owner value k
+        ious.append(np.count_nonzero(np.isin(scene.owner, instances)) / shapes)
+    return ious
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes; 4:4:4 so thin coloured shapes keep their colour."""
     buffer = io.BytesIO()
@@ -651,6 +665,7 @@ def write_scenes(
     metadata: list[dict[str, Any]] = []
     refer: dict[str, list[dict[str, Any]]] = {name: [] for name in splits}
     types: dict[str, Counter[str]] = {name: Counter() for name in splits}
+    floor: dict[str, list[float]] = {name: [] for name in splits}
     for image_id in range(1, n_images + 1):
         scene = make_scene(seed, image_id, size)
         split = assignment[image_id]
@@ -668,6 +683,7 @@ def write_scenes(
             }
         )
         refer[split] += scene.tasks
+        floor[split] += every_shape_ious(scene)
         types[split].update(t["phrase_structure"]["type"] for t in scene.tasks)
     for split, tasks in refer.items():
         _write_atomic(
@@ -682,5 +698,7 @@ def write_scenes(
         "tasks": {split: len(tasks) for split, tasks in refer.items()},
         "phrase_types": {split: {t: types[split][t] for t in PHRASE_TYPES} for split in splits},
         "multi_instance_tasks": sum(len(t["ann_ids"]) > 1 for tasks in refer.values() for t in tasks),
+        # mean IoU of marking every shape: what a model that ignores the phrase scores
+        "every_shape_mean_iou": {split: float(np.mean(v)) if v else 0.0 for split, v in floor.items()},
         "seconds": time.perf_counter() - started,
     }

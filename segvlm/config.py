@@ -178,6 +178,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; it is a number to anyone typing an override
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -391,6 +397,14 @@ class TrackingConfig:
     experiment: str = "segvlm"
     registered_model: str = "segvlm"  # the best checkpoint is registered under this name with alias "best"
     system_metrics: bool = True
+    # rank 0 logs through a Ray actor on the driver's node (jobs/tracking_relay.py): "auto" = when `uri` is an
+    # http(s) server on a loopback address, which a worker on another node cannot reach | "on" | "off".
+    # An unquoted YAML on/off reads as true/false: accepted as the same.
+    relay: str | bool = "auto"
+
+    def validate(self) -> None:
+        if self.relay not in ("auto", "on", "off", True, False):
+            raise ConfigError(f"tracking.relay must be auto, on or off, got {self.relay!r}")
 
 
 @dataclasses.dataclass(frozen=True)

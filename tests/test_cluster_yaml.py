@@ -72,11 +72,16 @@ def test_head_runs_mlflow_with_sqlite_and_s3(prepared: dict[str, Any]) -> None:
         assert "mlflow server" not in cmd
 
 
-def test_tracking_uri_127_0_0_1_works_on_every_node(prepared: dict[str, Any]) -> None:
-    # The rank-0 training worker runs on a GPU node: there 127.0.0.1:5000 is a forwarder to the head's server.
-    forward = next(c for c in prepared["worker_start_ray_commands"] if "socat" in c)
-    assert "TCP-LISTEN:5000,bind=127.0.0.1" in forward and "TCP:$RAY_HEAD_IP:5000" in forward
-    assert any("socat" in c for c in prepared["worker_setup_commands"])  # installed
+def test_mlflow_is_bound_to_the_heads_loopback_only(prepared: dict[str, Any]) -> None:
+    # No other node reaches MLflow: the rank-0 worker on a GPU node logs through the relay actor on the head.
+    mlflow = next(c for c in prepared["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--host 127.0.0.1" in mlflow
+    assert "0.0.0.0" not in mlflow
+    text = (REPO / "cluster.yaml").read_text()
+    assert "socat" not in text  # no forwarders from the workers to the head's MLflow
+    # no other command (a forwarder, a proxy) touches MLflow's port
+    commands = [c for key, value in prepared.items() if key.endswith("_commands") for c in value]
+    assert [c for c in commands if "5000" in c] == [mlflow]
 
 
 def test_token_auth_on_every_node(prepared: dict[str, Any]) -> None:

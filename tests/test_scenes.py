@@ -21,14 +21,17 @@ from pipeline.scenes import (
     SINGULARS,
     SIZE_RANK,
     SIZES,
+    Scene,
     SceneObject,
     assign_splits,
+    every_shape_ious,
     make_scene,
     parse_splits,
     polygon_area,
     render_phrase,
     resolve_structure,
     subtract_convex,
+    write_scenes,
 )
 from pipeline.schema import PHRASE_TYPES
 from segvlm.masks import rasterize_polygons
@@ -284,3 +287,19 @@ def test_split_helpers():
     assert sorted(assignment) == list(range(1, 12))
     assert Counter(assignment.values()) == {"train": 9, "val": 1, "test": 1}
     assert assign_splits(11, {"train": 0.8, "val": 0.1, "test": 0.1}, 0) == assignment
+
+
+def test_every_shape_floor_is_target_area_over_all_shape_area(dataset, tmp_path):
+    owner = np.zeros((10, 10), dtype=np.uint8)
+    owner.flat[:10], owner.flat[10:30], owner.flat[30:60] = 1, 2, 3  # 10, 20 and 30 shape pixels
+    tasks = [{"ann_ids": ["1"]}, {"ann_ids": ["2", "3"]}, {"ann_ids": ["3x1"]}]  # "3x1": a 2nd phrase for 3
+    scene = Scene(0, 10, 10, [], np.zeros((10, 10, 3), np.uint8), owner, tasks)
+    assert every_shape_ious(scene) == pytest.approx([10 / 60, 50 / 60, 30 / 60])
+
+    _, refer, _ = dataset
+    summary = write_scenes(tmp_path / "again", n_images=N_IMAGES, seed=SEED, size=SIZE)
+    for split in SPLITS:
+        image_ids = sorted({t["image_id"] for t in refer[split]})
+        expected = np.mean([iou for i in image_ids for iou in every_shape_ious(_scene(i))])
+        assert summary["every_shape_mean_iou"][split] == pytest.approx(expected)
+        assert 0.1 < expected < 0.9

@@ -292,6 +292,15 @@ def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
         assert run.info.status == "FINISHED"
         assert "train/loss" in run.data.metrics and "val/official/mean_iou" in run.data.metrics
         assert (tmp_path / "work" / "mlflow.db").exists() is False, "the local store must not be used"
+        # a loopback server (tracking.relay=auto): rank 0 logged through the relay actor on the driver's node,
+        # local files included (the PR figure, the overlays)
+        import ray
+
+        from jobs.tracking_relay import RELAY_TAG
+
+        assert run.data.tags[RELAY_TAG] == ray.get_runtime_context().get_node_id()
+        assert any("pr_curve" in a.path for a in client.list_artifacts(out["run_id"], "val"))
+        assert client.list_artifacts(out["run_id"], "images"), "prediction overlays were not logged"
     finally:
         server.terminate()
         server.wait(timeout=30)
