@@ -355,7 +355,8 @@ def run_ablation(
                 "run_id": child,
                 "run_name": trained["run_name"],
                 "overrides": rung_overrides(ladder_rungs, index),
-                **{k: float(report.get(k, math.nan)) for k in METRIC_KEYS},
+                # an undefined metric is null in report.json
+                **{k: math.nan if report.get(k) is None else float(report[k]) for k in METRIC_KEYS},
                 "official/count": report.get("official/count"),
                 "params_total": total,
                 "params_trainable": trainable,

@@ -662,7 +662,7 @@ def _format_value(column: str, value: float, digits: int, percent: bool) -> str:
 def format_markdown_table(metrics: Mapping[str, float], *, digits: int = 4, percent: bool = False) -> str:
     """Markdown tables of flat metric names, one table per top-level group (``official``, ``clipseg``,
     ``boundary``, …): rows are the middle of the name (``all`` when absent, e.g. ``official/name/mean_iou``
-    → row ``name``), columns the last part. Counts print as integers, ``nan`` as "–"; ``percent=True``
+    → row ``name``), columns the last part. Counts print as integers, ``nan`` and ``None`` (JSON null) as "–"; ``percent=True``
     prints rates ×100 (thresholds excepted)."""
     groups: dict[str, dict[str, dict[str, float]]] = {}
     columns: dict[str, list[str]] = {}
@@ -684,7 +684,12 @@ def format_markdown_table(metrics: Mapping[str, float], *, digits: int = 4, perc
         lines.append("| " + " | ".join(["subset", *cols]) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * len(cols)) + "|")
         for row, values in rows.items():
-            cells = [_format_value(c, float(values[c]), digits, percent) if c in values else "" for c in cols]
+            cells = [
+                _format_value(c, math.nan if values[c] is None else float(values[c]), digits, percent)
+                if c in values
+                else ""
+                for c in cols
+            ]
             lines.append("| " + " | ".join([row, *cells]) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.common import to_json
 from segvlm.masks import rasterize_polygons
 from segvlm.metrics import (
     CLIPSEG_THRESHOLDS,
@@ -296,3 +298,7 @@ def test_format_markdown_table() -> None:
     assert "| verbose | – | – | – |  |  |  |  | 0 |  |" in lines
     assert lines[lines.index("**clipseg**") + 4] == "| all | 0.5000 |"
     assert "| all | 50.00 |" in format_markdown_table({"clipseg/ap": 0.5}, percent=True)
+    # a report read back from strict JSON holds null where a metric is undefined
+    from_json = json.loads(to_json(m.compute()))
+    assert from_json["official/negative/empty_rate"] is None
+    assert format_markdown_table(from_json) == format_markdown_table(m.compute())
