@@ -24,10 +24,9 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
 
-IMAGE_SIZE = 64
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 # ------------------------------------------------------------------------- recorders (run on the workers)
@@ -172,27 +171,14 @@ def data(cluster, tmp_path_factory):
 
 
 def experiment(root: Path, clip: Path, workdir: Path, *overrides: str):
-    from segvlm.config import ExperimentConfig, load_config
-
-    return load_config(
-        ExperimentConfig,
-        CONFIG,
-        [
-            f"model.backbone.pretrained={clip}",
-            f"model.backbone.image_size={IMAGE_SIZE}",
-            f"data.train_shards={root / 'train'}",
-            f"data.val_shards={root / 'val'}",
-            f"workdir={workdir}",
-            "train.time_budget_s=0",
-            "train.batch_size=8",
-            "train.num_workers=2",
-            "train.cpus_per_worker=1",
-            "train.torch_threads=1",
-            "train.overlays=0",
-            "optim.warmup_steps=2",
-            "tracking.system_metrics=false",
-            *overrides,
-        ],
+    return tiny_experiment(
+        root,
+        clip,
+        workdir,
+        "train.cpus_per_worker=1",
+        "train.torch_threads=1",
+        "train.overlays=0",
+        *overrides,
     )
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
 
-IMAGE_SIZE = 64
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +60,7 @@ def data(ray_local, tmp_path_factory):
 
 
 def experiment(root: Path, clip: Path, workdir: Path, *overrides: str):
-    from segvlm.config import ExperimentConfig, load_config
-
-    return load_config(
-        ExperimentConfig,
-        Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
-        [
-            f"model.backbone.pretrained={clip}",
-            f"model.backbone.image_size={IMAGE_SIZE}",
-            f"data.train_shards={root / 'train'}",
-            f"data.val_shards={root / 'val'}",
-            f"workdir={workdir}",
-            "train.time_budget_s=0",
-            "train.batch_size=8",
-            "train.num_workers=2",
-            "train.log_every=2",
-            "train.overlays=2",
-            "optim.warmup_steps=2",
-            "tracking.system_metrics=false",
-            *overrides,
-        ],
-    )
+    return tiny_experiment(root, clip, workdir, "train.log_every=2", "train.overlays=2", *overrides)
 
 
 def mlflow_client(uri: str):
