@@ -17,7 +17,8 @@ then evaluated (``jobs.eval.run_eval``) on the validation shards (``--eval-split
 ``+deformable``     decoder.deformable=true
 ``+residual``       decoder.residual=true
 ``+se``             decoder.se=true
-``+xattn+projector`` decoder.cross_attention=true decoder.projector=true (full SegVLM)
+``+xattn+projector`` decoder.cross_attention=true decoder.projector=true (the paper's SegVLM)
+``+text_kernel``    decoder.text_kernel=true (the demo's model)
 ==================  =====================================================================================
 
 The parent run gets ``ablation.md`` (the comparison table), ``ablation.json`` and ``ablation.png`` (official mean
@@ -38,7 +39,7 @@ from typing import Any
 
 from jobs.common import init_ray, quiet_environment, to_json
 
-SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
+SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual", "text_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Rung:
 
 
 def ladder(loss: Any) -> list[Rung]:
-    """The six rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf``."""
+    """The seven rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf``."""
     return [
         Rung(
             "bce",
@@ -79,6 +80,12 @@ def ladder(loss: Any) -> list[Rung]:
             "xattn-projector",
             "cross-attention + projector (full SegVLM)",
             ("model.decoder.cross_attention=true", "model.decoder.projector=true"),
+        ),
+        Rung(
+            "+text_kernel",
+            "text-kernel",
+            "the phrase's kernel as the head's last layer",
+            ("model.decoder.text_kernel=true",),
         ),
     ]
 
@@ -423,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-rung training time budget (train.time_budget_s)",
     )
     parser.add_argument(
-        "--rungs", default=None, help="comma-separated subset, e.g. bce,+raf (default: all six)"
+        "--rungs", default=None, help="comma-separated subset, e.g. bce,+raf (default: all seven)"
     )
     parser.add_argument("--eval-split", default="val", help="val (data.val_shards) or test (--eval-data)")
     parser.add_argument(

@@ -3,7 +3,7 @@
 Launch::
 
     segvlm demo                       # or: make demo
-    segvlm demo --workdir runs/demo --train-seconds 400 --images 2000
+    segvlm demo --workdir runs/demo --train-seconds 450 --images 2000
 
 Synthetic scenes → ``prepare`` (train with synthetic prompts; val; test) → a tiny CLIP saved with
 ``save_pretrained`` and loaded back with ``from_pretrained`` → ``train`` on a local Ray instance with 2 CPU
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", type=int, default=2000, help="synthetic scenes to render (80/10/10 split)"
     )
-    parser.add_argument("--train-seconds", type=float, default=400.0, help="training time budget")
+    parser.add_argument("--train-seconds", type=float, default=450.0, help="training time budget")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")

@@ -31,7 +31,7 @@ from pipeline.loader import make_eval_loader, make_train_loader
 from pipeline.progress import Progress
 from segvlm.checkpoint import load_weights, save_checkpoint
 from segvlm.config import ExperimentConfig, OptimConfig, flatten, from_dict, to_yaml
-from segvlm.losses import RAFLoss
+from segvlm.losses import RAFLoss, region_phrase_loss
 from segvlm.registry import build_model
 
 TRAIN_STATE = "train_state.pt"
@@ -63,17 +63,29 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+TEXT_TOWER = ("backbone.clip.text_model.", "backbone.clip.text_projection.")
+
+
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases, norms, gates and embeddings (1-d parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+    """AdamW with no weight decay on biases, norms, gates and embeddings (1-d parameters); the text tower's
+    groups carry ``lr_scale = optim.text_lr_scale`` (the loop sets each group's lr to ``lr · lr_scale``)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+            text = optim.text_lr_scale != 1.0 and name.startswith(TEXT_TOWER)
+            groups.setdefault((param.ndim > 1, text), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": optim.weight_decay if decay else 0.0,
+                "lr_scale": optim.text_lr_scale if text else 1.0,
+            }
+            for (decay, text), params in sorted(groups.items(), reverse=True)
+        ],
+        lr=optim.lr,
+        betas=optim.betas,
+    )
 
 
 def _all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
@@ -207,6 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         crop_scale=cfg.data.crop_scale,
+        phrases_per_image=cfg.data.phrases_per_image,
     )
     batches = iter(train_loader)
     loss_fn = RAFLoss(cfg.loss)
@@ -230,7 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _maybe_inject_failure(loop_config.get("fail_at"), step, rank)
         lr = learning_rate(step, cfg.optim, state["total_steps"])
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             wait_start = time.perf_counter()
@@ -238,13 +251,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_wait += time.perf_counter() - wait_start
             sync = model.no_sync() if (hasattr(model, "no_sync") and micro < accum - 1) else nullcontext()
             with sync:
+                image_index = batch["image_index"].to(device, non_blocking=True)
+                masks = batch["masks"].to(device, non_blocking=True)
                 with autocast_for(cfg.train.precision, device):
-                    logits = model(
+                    logits, aux = model(
                         batch["pixel_values"].to(device, non_blocking=True),
                         batch["input_ids"].to(device, non_blocking=True),
                         batch["attention_mask"].to(device, non_blocking=True),
+                        image_index,
+                        return_aux=True,
                     )
-                terms = loss_fn(logits, batch["masks"].to(device, non_blocking=True))
+                terms = loss_fn(logits, masks)
+                if cfg.loss.region > 0:
+                    terms["region"] = region_phrase_loss(
+                        aux["region_embedding"],
+                        aux["phrase_embedding"],
+                        masks,
+                        image_index,
+                        aux["region_logit_scale"],
+                        aux["region_logit_bias"],
+                    )
+                    terms["loss"] = terms["loss"] + cfg.loss.region * terms["region"]
                 (terms["loss"] / accum).backward()
             for name, value in terms.items():
                 window[name] += float(value.detach()) / accum

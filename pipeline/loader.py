@@ -9,7 +9,9 @@ Training (``make_train_loader``)
     ``resampled`` shards (drawn with replacement, per rank and loader worker, seeded) → image-level shuffle
     of the raw samples → optional phrase-type balancing → negatives mixed in at ``negative_rate`` →
     CLIPSeg augmentation (random square crop keeping ≥ 5% of the object, resize, no flip) → task-level
-    shuffle → batches. The stream is endless, and every rank takes exactly ``steps_per_epoch`` batches
+    shuffle → batches. With ``phrases_per_image = k > 1`` up to k tasks of an image share one crop and sit
+    next to each other (no task-level shuffle), so a batch holds each image once and the model encodes
+    it once for all its phrases (``image_index``). The stream is endless, and every rank takes exactly ``steps_per_epoch`` batches
     from it (split over its loader workers), so all ranks run the same number of steps however uneven the
     shards are (SPEC 7: unequal batch counts hang DDP). Without ``steps_per_epoch``/``samples_per_epoch``
     the loader is infinite (``next()`` it for as long as you train).
@@ -153,17 +155,25 @@ def _stack_masks(items: list[dict[str, Any]]) -> torch.Tensor:
 
 
 def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[str, Any]:
-    """Training batch (B items, S = image size)::
+    """Training batch (B tasks on N ≤ B distinct image crops, S = image size)::
 
-    pixel_values   B×3×S×S float32, CLIP-normalised
+    pixel_values   N×3×S×S float32, CLIP-normalised, each crop once
+    image_index    B int64: task b's image is ``pixel_values[image_index[b]]``
     input_ids      B×L int64          attention_mask  B×L int64
     masks          B×1×S×S float32 in {0, 1}
     phrase, task_id, phrase_type, kind, key: lists of length B
     crop_box       B×4 int64, (x0, y0, x1, y1) in stored-image pixels
+
+    Items carrying the same ``group`` share one crop (``phrases_per_image > 1``); items without one are
+    their own image (N = B).
     """
     tokens = tokenizer([it["phrase"] for it in items])
+    slots: dict[Any, int] = {}
+    image_index = [slots.setdefault(it.get("group", ("item", i)), len(slots)) for i, it in enumerate(items)]
+    first = {slot: i for i, slot in reversed(list(enumerate(image_index)))}
     return {
-        "pixel_values": normalize_uint8_batch([it["pixels"] for it in items]),
+        "pixel_values": normalize_uint8_batch([items[first[slot]]["pixels"] for slot in range(len(slots))]),
+        "image_index": torch.tensor(image_index, dtype=torch.int64),
         "input_ids": torch.as_tensor(tokens["input_ids"]).long(),
         "attention_mask": torch.as_tensor(tokens["attention_mask"]).long(),
         "masks": _stack_masks(items),
@@ -312,6 +322,7 @@ class _TrainConfig:
     phrase_type_balance: bool
     min_object_fraction: float
     crop_scale: tuple[float, float]
+    phrases_per_image: int = 1
 
 
 def _train_items(
@@ -322,12 +333,18 @@ def _train_items(
 ) -> Iterator[dict[str, Any]]:
     """Raw image samples -> one augmented item per task (uint8 pixels ``3×S×S``, uint8 mask ``1×S×S``).
 
-    Everything that needs only the JSON (task choice, negatives, crop boxes) is decided before the JPEG
-    is decoded, so the decode happens once per image, at a reduced DCT scale when every crop allows it.
+    With ``phrases_per_image == 1`` every task gets its own crop (CLIPSeg). With ``k > 1`` up to ``k``
+    tasks of an image share one crop (keeping ``min_object_fraction`` of their union) and one pixel array;
+    their items are emitted consecutively with the same ``group`` number, and ``collate_train`` stores
+    that image once. Everything that needs only the JSON (task choice, negatives, crop boxes) is decided
+    before the JPEG is decoded, so the decode happens once per image, at a reduced DCT scale when every
+    crop allows it.
     """
     size = cfg.image_size
     negatives = _NegativeSource(cfg.negative_rate, rng)
     balancer = _TypeBalancer(rng) if cfg.phrase_type_balance else None
+    per_image = cfg.phrases_per_image
+    group = 0
     for sample in samples:
         try:
             key, jpg, record = _parse(sample)
@@ -339,19 +356,12 @@ def _train_items(
             if not chosen:
                 continue
             w, h = int(record.width), int(record.height)
-            boxes = []
-            for task in chosen:
-                obj = rasterize_polygons(task.polygons, w, h) if task.polygons else None
-                boxes.append(
-                    random_object_crop(
-                        w,
-                        h,
-                        obj,
-                        rng=rng,
-                        min_object_fraction=cfg.min_object_fraction,
-                        scale=cfg.crop_scale,
-                    )
-                )
+            if per_image == 1:
+                boxes = [_crop_box(w, h, [task], cfg, rng) for task in chosen]
+            else:
+                if len(chosen) > per_image:
+                    chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), per_image, replace=False))]
+                boxes = [_crop_box(w, h, chosen, cfg, rng)] * len(chosen)
             # decode reduced only as far as the smallest crop still has ≥ S source pixels per side
             smallest = min(b[2] - b[0] for b in boxes)
             factor = max(smallest / size, 1.0)
@@ -362,16 +372,23 @@ def _train_items(
                 fx = fy = 1.0 / reduction
             else:
                 fx, fy = image.width / w, image.height / h
+            shared = None
             for task, box in zip(chosen, boxes):
                 x0, y0, x1, y1 = box
-                pixels = crop_resize(image, (x0 * fx, y0 * fy, x1 * fx, y1 * fy), size)
+                if shared is None or per_image == 1:
+                    pixels = pil_to_uint8_array(
+                        crop_resize(image, (x0 * fx, y0 * fy, x1 * fx, y1 * fy), size)
+                    )
+                    shared = pixels
+                    group += 1
                 mask = (
                     target_mask_array(task.polygons, box, size)
                     if task.polygons
                     else np.zeros((size, size), np.uint8)
                 )
                 yield {
-                    "pixels": pil_to_uint8_array(pixels),  # 3×S×S uint8, normalised per batch
+                    "pixels": shared,  # 3×S×S uint8, normalised per batch
+                    "group": group,  # items with the same group share their pixels
                     "mask": mask[None],  # 1×S×S uint8
                     "phrase": task.phrase,
                     "task_id": task.task_id,
@@ -383,6 +400,17 @@ def _train_items(
             errors.ok()
         except Exception as exn:  # a corrupt sample is skipped (and counted), never fatal on its own
             errors(exn)
+
+
+def _crop_box(
+    width: int, height: int, tasks: list[Task], cfg: _TrainConfig, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """A random square crop keeping ``min_object_fraction`` of the union of the tasks' targets."""
+    instances = [instance for task in tasks for instance in task.polygons]
+    obj = rasterize_polygons(instances, width, height) if instances else None
+    return random_object_crop(
+        width, height, obj, rng=rng, min_object_fraction=cfg.min_object_fraction, scale=cfg.crop_scale
+    )
 
 
 def _resampled_urls(urls: Sequence[str], rng: np.random.Generator) -> Iterator[dict[str, str]]:
@@ -435,14 +463,18 @@ class TrainStream(IterableDataset):
         shuffle_seed, task_seed = (int(s.generate_state(1)[0]) for s in streams[2:])
         errors = _ErrorBudget()
         cfg = self.cfg
-        pipeline = wds.DataPipeline(
+        stages: list[Any] = [
             lambda: _resampled_urls(self.urls, url_rng),
             wds.tarfile_to_samples(handler=errors, select_files=_select_members),
             wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=shuffle_seed),
             lambda src: _train_items(src, cfg, item_rng, errors),
-            wds.shuffle(cfg.task_shuffle_buffer, initial=min(cfg.task_shuffle_buffer, 64), seed=task_seed),
-            wds.batched(cfg.batch_size, collation_fn=self._collate, partial=False),
-        )
+        ]
+        if cfg.phrases_per_image == 1:  # tasks sharing an image stay adjacent, or they cannot share it
+            stages.append(
+                wds.shuffle(cfg.task_shuffle_buffer, initial=min(cfg.task_shuffle_buffer, 64), seed=task_seed)
+            )
+        stages.append(wds.batched(cfg.batch_size, collation_fn=self._collate, partial=False))
+        pipeline = wds.DataPipeline(*stages)
         if self.steps_per_epoch is None:
             yield from pipeline
         else:
@@ -485,6 +517,7 @@ def make_train_loader(
     phrase_type_balance: bool = False,
     min_object_fraction: float = 0.05,
     crop_scale: tuple[float, float] = (0.5, 1.0),
+    phrases_per_image: int = 1,
     pin_memory: bool = False,
     return_dataset: bool = False,
 ) -> tuple[TrainLoader | TrainStream, LoaderInfo]:
@@ -495,12 +528,15 @@ def make_train_loader(
     With neither, the stream is endless. Either way every rank yields exactly the same number of batches
     (full batches only), whatever the shard sizes: shards are resampled with replacement, so no rank can
     run out. ``shuffle_buffer`` counts raw image samples (compressed bytes, cheap); ``task_shuffle_buffer``
-    counts augmented tasks (uint8 ``3×S×S`` each, ~0.37 MB at 352 px, per worker). Returns a
-    ``TrainLoader`` (``batch_size=None``; batching happens in the pipeline), or the bare ``TrainStream``
-    with ``return_dataset=True``.
+    counts augmented tasks (uint8 ``3×S×S`` each, ~0.37 MB at 352 px, per worker) and is unused when
+    ``phrases_per_image > 1`` (up to that many tasks of one image share a crop; see ``collate_train``).
+    Returns a ``TrainLoader`` (``batch_size=None``; batching happens in the pipeline), or the bare
+    ``TrainStream`` with ``return_dataset=True``.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if phrases_per_image < 1:
+        raise ValueError(f"phrases_per_image must be >= 1, got {phrases_per_image}")
     urls, sizes = list_shards(urls_or_dir, split)
     if steps_per_epoch is None and samples_per_epoch is not None:
         steps_per_epoch = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
@@ -513,6 +549,7 @@ def make_train_loader(
         phrase_type_balance=phrase_type_balance,
         min_object_fraction=min_object_fraction,
         crop_scale=tuple(crop_scale),
+        phrases_per_image=phrases_per_image,
     )
     stream = TrainStream(urls, cfg, tokenizer, seed=seed, rank=rank, steps_per_epoch=steps_per_epoch)
     info = LoaderInfo(

@@ -344,11 +344,31 @@ class CLIPBackbone(nn.Module):
                 activations.append(hidden)
         return activations, stem_features
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> BackboneOutput:
-        """Encode images (B×3×H×W, CLIP-normalised, H and W multiples of the patch size) and phrases
-        (B×L token ids and 0/1 mask)."""
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: Tensor | None = None,
+    ) -> BackboneOutput:
+        """Encode images (N×3×H×W, CLIP-normalised, H and W multiples of the patch size) and phrases
+        (B×L token ids and 0/1 mask). With ``image_index`` (B int64 into the N images) each image is encoded
+        once and its features are repeated for its phrases; without it N must equal B."""
+        n, b = pixel_values.shape[0], input_ids.shape[0]
+        if image_index is None and n != b:
+            raise ValueError(f"{n} images for {b} phrases: pass image_index to pair them")
+        if image_index is not None and (
+            image_index.shape != (b,) or (b and not 0 <= int(image_index.min()) <= int(image_index.max()) < n)
+        ):
+            raise ValueError(
+                f"image_index must be {b} indices into {n} images, got {tuple(image_index.shape)}"
+            )
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
             activations, stem_features = self._vision(pixel_values)
+            if image_index is not None:  # N → B: one copy of the image features per phrase
+                activations = [a.index_select(0, image_index) for a in activations]
+                if stem_features is not None:
+                    stem_features = stem_features.index_select(0, image_index)
             text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
             text_embedding = self.clip.text_projection(text.pooler_output)  # B×P
         return BackboneOutput(

@@ -75,6 +75,12 @@ class DecoderConfig:
     # CLIPSeg's head: conv3x3 → ReLU → ConvT → ReLU → ConvT (CIDAS/clipseg-rd64-refined); False = the
     # single ConvT(D → 1, kernel = stride = patch) of HF's default use_complex_transposed_convolution=False
     complex_transposed_convolution: bool = True
+    # the phrase supplies the kernel and bias of the head's last layer, a 1×1 conv over its 1/4-resolution
+    # features (CRIS's text-to-pixel head), instead of CLIPSeg's last ConvT; the logits are upsampled
+    # bilinearly. Every pixel's score is then a phrase-specific readout, never a phrase-free one.
+    text_kernel: bool = False
+    # dense embeddings of the deepest visual tokens for the region–phrase loss (loss.region); training only
+    region_head: bool = False
     deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"
 
     def validate(self) -> None:
@@ -88,10 +94,12 @@ class DecoderConfig:
             raise ConfigError(
                 f"decoder.cross_attention needs reduce_dim divisible by 4 (2-D sin-cos), got {self.reduce_dim}"
             )
-        if self.stem_skip and not self.complex_transposed_convolution:
-            raise ConfigError(
-                "decoder.stem_skip needs complex_transposed_convolution (it joins after the first ConvT)"
-            )
+        for switch in ("stem_skip", "text_kernel"):
+            if getattr(self, switch) and not self.complex_transposed_convolution:
+                raise ConfigError(
+                    f"decoder.{switch} needs complex_transposed_convolution (it works on the 1/4-resolution "
+                    "features after the first ConvT)"
+                )
         if self.deform_impl not in ("auto", "native", "torchvision"):
             raise ConfigError(
                 f"decoder.deform_impl must be 'auto', 'native' or 'torchvision', got {self.deform_impl!r}"
@@ -120,8 +128,13 @@ class LossConfig:
     focal_gamma: float = 2.0
     dice_alpha: float = 1.0  # exponent a of the self-adjusting factor (1 - p)^a
     dice_smooth: float = 1.0
+    # weight of the region–phrase alignment term (segvlm.losses.region_phrase_loss; needs
+    # model.decoder.region_head); not part of RAF, logged as its own term
+    region: float = 0.0
 
     def validate(self) -> None:
+        if self.region < 0:
+            raise ConfigError(f"loss.region must be >= 0, got {self.region}")
         weights = (self.bce, self.focal, self.dice)
         if min(weights) < 0 or sum(weights) == 0:
             raise ConfigError(f"loss weights must be >= 0 and not all zero, got {weights}")
@@ -315,8 +328,13 @@ class DataConfig:
     # side of CLIPSeg's random square crop as a share of the shorter image side; (1, 1) turns cropping off,
     # which phrases about relations and superlatives ("the largest circle") need on small scenes
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    # > 1: up to this many phrases of an image share its crop in a batch and the image is encoded once for
+    # all of them; cheaper per task, and each batch shows the same pixels under different phrases
+    phrases_per_image: int = 1
 
     def validate(self) -> None:
+        if self.phrases_per_image < 1:
+            raise ConfigError(f"data.phrases_per_image must be >= 1, got {self.phrases_per_image}")
         if not 0 <= self.negative_rate < 1:
             raise ConfigError(f"data.negative_rate must lie in [0, 1), got {self.negative_rate}")
         if self.num_workers < 0:
@@ -336,8 +354,13 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 500
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # the text tower's lr as a share of lr: a from-scratch text tower at lr 1e-3 collapses (every phrase
+    # maps to nearly the same embedding within ~100 steps), while the decoder wants the full rate
+    text_lr_scale: float = 1.0
 
     def validate(self) -> None:
+        if not 0 < self.text_lr_scale <= 1:
+            raise ConfigError(f"optim.text_lr_scale must lie in (0, 1], got {self.text_lr_scale}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(
                 f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}"
@@ -418,3 +441,12 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     workdir: str = "runs"  # local folder for the MLflow store, Ray results and reports
+
+    def validate(self) -> None:
+        # a region head without its loss would hold parameters no gradient reaches (DDP refuses those)
+        if (self.loss.region > 0) != self.model.decoder.region_head:
+            raise ConfigError(
+                f"loss.region={self.loss.region} and model.decoder.region_head={self.model.decoder.region_head}: "
+                "the region–phrase loss needs the region head and the head is only trained by that loss; "
+                "set both or neither"
+            )

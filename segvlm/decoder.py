@@ -16,6 +16,7 @@ Per extracted layer i, deepest first (CLIPSeg)::
     x = projector(x, phrase)                         [projector] + 0-init 1×1 conv of a similarity map
     x = refine(x, phrase)                            [deformable / se / residual]
     logits = head(x (+ stem))                        [stem_skip] after the first ConvT
+    logits = <head features, kernel(phrase)> + bias  [text_kernel] at 1/4 resolution, then bilinear ×4
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from segvlm.config import DecoderConfig
 from segvlm.layers import (
     GatedCrossAttention,
+    RegionPhraseHead,
     ResidualRefinementBlock,
     TextImageProjector,
     film,
@@ -107,7 +109,9 @@ class SegDecoder(nn.Module):
         cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
         (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
-        ``stem_proj``.
+        ``stem_proj``; text_kernel → ``text_kernel`` in place of ``transposed_convolution.4`` (the one
+        switch that removes a CLIPSeg parameter: the last ConvT); region_head → ``region_head`` (read by
+        the region–phrase loss only, through ``return_aux``).
     """
 
     def __init__(
@@ -147,13 +151,15 @@ class SegDecoder(nn.Module):
             # CLIPSeg uses (patch/4, patch/4), i.e. (4, 4) at patch 16; (patch/4, 4) equals that there and
             # keeps the total at ×patch and the middle at 1/4 resolution (where stem features join) for any patch
             k1, k2 = patch_size // 4, 4
-            self.transposed_convolution: nn.Module = nn.Sequential(
+            head: list[nn.Module] = [
                 nn.Conv2d(d, d, kernel_size=3, padding=1),
                 nn.ReLU(),
                 nn.ConvTranspose2d(d, d // 2, kernel_size=k1, stride=k1),
                 nn.ReLU(),
-                nn.ConvTranspose2d(d // 2, 1, kernel_size=k2, stride=k2),
-            )
+            ]
+            if not cfg.text_kernel:  # the text kernel replaces the last ConvT
+                head.append(nn.ConvTranspose2d(d // 2, 1, kernel_size=k2, stride=k2))
+            self.transposed_convolution: nn.Module = nn.Sequential(*head)
         else:
             self.transposed_convolution = nn.ConvTranspose2d(d, 1, kernel_size=patch_size, stride=patch_size)
 
@@ -186,6 +192,13 @@ class SegDecoder(nn.Module):
             if cfg.deformable or cfg.se or cfg.residual
             else None
         )
+        self.region_head = (
+            RegionPhraseHead(vision_width, embed_dim=projection_dim) if cfg.region_head else None
+        )
+        # phrase → kernel (D/2) and bias (1) of the head's last layer
+        self.text_kernel = (
+            nn.Linear(d if cfg.projector else projection_dim, d // 2 + 1) if cfg.text_kernel else None
+        )
         self.stem_proj = None
         if cfg.stem_skip:
             if not stem_channels:
@@ -215,7 +228,9 @@ class SegDecoder(nn.Module):
             image_size: (H, W) of the input pixels; the token grid is (H/patch, W/patch).
             stem_features: B×stem_channels×H/4×W/4 (``cfg.stem_skip`` only).
             return_aux: also return a dict with ``offsets`` (B×18×h×w) and ``modulation`` (B×9×h×w) of the
-                deformable conv, ``similarity`` (B×1×h×w) of the projector, when those are on.
+                deformable conv, ``similarity`` (B×1×h×w) of the projector, and with the region head
+                ``region_embedding`` (B×P×h×w, deepest tokens), ``phrase_embedding`` (B×P, ``cond``),
+                ``region_logit_scale`` and ``region_logit_bias`` (scalars), when those are on.
 
         Returns:
             logits B×1×H×W, or ``(logits, aux)``.
@@ -246,6 +261,12 @@ class SegDecoder(nn.Module):
             pos = torch.cat((text.new_zeros(1, d), sincos_2d(h, w, d, device=text.device).to(text.dtype)))
             text_pos = sincos_1d(text.shape[1], d, device=text.device).to(text.dtype)
 
+        if return_aux and self.region_head is not None:
+            aux["region_embedding"] = self.region_head(activations[-1], (h, w))
+            aux["phrase_embedding"] = cond
+            aux["region_logit_scale"] = self.region_head.logit_scale
+            aux["region_logit_bias"] = self.region_head.logit_bias
+
         a = None
         for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], self.layers, self.reduces)):
             a = reduce(activation) if a is None else reduce(activation) + a
@@ -260,21 +281,31 @@ class SegDecoder(nn.Module):
             x, aux["similarity"] = self.projector(x, phrase)
         if self.refine is not None:
             x = self.refine(x, phrase, aux)
-        logits = self._head(x, stem_features)
-        if logits.shape[-2:] != (H, W):  # H or W not a multiple of the patch size
+        logits = self._head(x, stem_features, phrase)
+        if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return (logits, aux) if return_aux else logits
 
-    def _head(self, x: Tensor, stem_features: Tensor | None) -> Tensor:
-        """B×D×h×w → B×1×(h·patch)×(w·patch); stem features join after the first ConvT (1/4 resolution)."""
-        if self.stem_proj is None:
+    def _head(self, x: Tensor, stem_features: Tensor | None, phrase: Tensor) -> Tensor:
+        """B×D×h×w → B×1×(h·patch)×(w·patch) logits, or B×1×(h·patch/4)×(w·patch/4) with the text kernel.
+        Stem features join after the first ConvT (1/4 resolution), before its ReLU, so the skip can suppress
+        as well as excite."""
+        if not self.cfg.complex_transposed_convolution:
             return self.transposed_convolution(x)
-        if stem_features is None:
-            raise ValueError("decoder.stem_skip is on but no stem_features were given")
-        conv, relu1, up1, relu2, up2 = self.transposed_convolution
+        conv, relu1, up1, relu2 = list(self.transposed_convolution)[:4]
         y = up1(relu1(conv(x)))  # B×D/2×(h·patch/4)×(w·patch/4)
-        skip = self.stem_proj(stem_features)
-        if skip.shape[-2:] != y.shape[-2:]:
-            skip = F.interpolate(skip, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        # before the ReLU, so the skip can suppress as well as excite
-        return up2(relu2(y + skip))
+        if self.stem_proj is not None:
+            if stem_features is None:
+                raise ValueError("decoder.stem_skip is on but no stem_features were given")
+            skip = self.stem_proj(stem_features)
+            if skip.shape[-2:] != y.shape[-2:]:
+                skip = F.interpolate(skip, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            y = y + skip
+        features = relu2(y)
+        if self.text_kernel is None:
+            return self.transposed_convolution[4](features)
+        kernel = self.text_kernel(phrase)  # B×(D/2 + 1)
+        # one 1×1 conv per phrase: B×D/2×h'×w' · B×D/2 → B×1×h'×w'
+        return (
+            torch.einsum("bchw,bc->bhw", features, kernel[:, :-1]).unsqueeze(1) + kernel[:, -1:, None, None]
+        )

@@ -23,6 +23,7 @@ __all__ = [
     "adaptive_dice_loss",
     "bce_loss",
     "build_loss",
+    "region_phrase_loss",
     "sigmoid_focal_loss",
 ]
 
@@ -168,6 +169,45 @@ class RAFLoss(nn.Module):
                     value = x.new_zeros(())
                 out[name] = value
         return {"loss": total, **out}
+
+
+def region_phrase_loss(
+    region_embedding: Tensor,
+    phrase_embedding: Tensor,
+    targets: Tensor,
+    image_index: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+) -> Tensor:
+    """Sigmoid region–phrase alignment among the phrases of each image (SigLIP's loss, per image, on regions).
+
+    Args:
+        region_embedding: B×P×h×w dense embeddings (``RegionPhraseHead``), one map per task.
+        phrase_embedding: B×P phrase embeddings.
+        targets: B×1×H×W (or B×H×W) target masks in {0, 1}.
+        image_index: B; tasks with equal values show the same image.
+        logit_scale, logit_bias: scalars; ``logit = exp(logit_scale)·cos(region, phrase) + logit_bias``.
+
+    Task i's region ``r_i`` is the mean of its embedding map weighted by its target averaged down to h×w. For
+    every task i with a non-empty target and every task j of the same image (i included), the label is 1
+    when j's target is i's (the same pooled mask: "the star" and "the star left of the circle") and 0
+    otherwise. Returns ``Σ BCE(logit_ij, label_ij) / (number of such i)``, 0 (in the graph) when no task has
+    a target.
+    """
+    b, _, h, w = region_embedding.shape
+    with torch.autocast(device_type=region_embedding.device.type, enabled=False):
+        weight = F.adaptive_avg_pool2d(targets.reshape(b, 1, *targets.shape[-2:]).float(), (h, w)).flatten(1)
+        has_target = weight.sum(1) > 0  # B
+        # B×P: mask-weighted mean of the map
+        region = torch.einsum("bpn,bn->bp", region_embedding.float().flatten(2), weight)
+        region = region / weight.sum(1, keepdim=True).clamp_min(1e-12)
+        region = F.normalize(region[has_target], dim=-1)  # R×P
+        phrase = F.normalize(phrase_embedding.float(), dim=-1)  # B×P
+        logits = logit_scale.float().exp() * region @ phrase.T + logit_bias.float()  # R×B
+        same_image = image_index[has_target][:, None] == image_index[None, :]
+        same_target = (weight[has_target][:, None, :] - weight[None, :, :]).abs().sum(-1) < 1e-6
+        bce = F.binary_cross_entropy_with_logits(logits, same_target.float(), reduction="none")
+        return (bce * same_image).sum() / has_target.sum().clamp_min(1)
 
 
 # CLIPSeg's baseline is BCE only; "raf" is the SegVLM default. Presets are plain LossConfigs.

@@ -36,18 +36,30 @@ class SegVLM(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: Tensor | None = None,
+        *,
+        return_aux: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Mask logits for each (image, phrase) pair.
 
         Args:
-            pixel_values: B×3×H×W CLIP-normalised images, H and W multiples of the patch size.
+            pixel_values: N×3×H×W CLIP-normalised images, H and W multiples of the patch size.
             input_ids: B×L token ids (``self.backbone.tokenize``).
             attention_mask: B×L, 1 for real tokens, 0 for padding.
+            image_index: B int64, phrase b's image is ``pixel_values[image_index[b]]``, so an image with
+                several phrases is encoded once; None pairs phrase b with image b (N = B).
+            return_aux: also return the decoder's auxiliary tensors (``SegDecoder.forward``), e.g. what the
+                region–phrase loss reads.
 
         Returns:
-            B×1×H×W logits (apply a sigmoid for probabilities).
+            B×1×H×W logits (apply a sigmoid for probabilities), or ``(logits, aux)``.
         """
-        feats = self.backbone(pixel_values, input_ids, attention_mask)
+        feats = self.backbone(pixel_values, input_ids, attention_mask, image_index=image_index)
         return self.decoder(
             feats.activations,
             feats.text_embedding,
@@ -55,6 +67,7 @@ class SegVLM(nn.Module):
             feats.text_mask,
             image_size=(pixel_values.shape[-2], pixel_values.shape[-1]),
             stem_features=feats.stem_features,
+            return_aux=return_aux,
         )
 
     def num_parameters(self) -> dict:

@@ -22,23 +22,34 @@ def test_ladder_pure_helpers():
 
     base = load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0"])
     rungs = ladder(base.loss)
-    assert [r.name for r in rungs] == ["bce", "+raf", "+deformable", "+residual", "+se", "+xattn+projector"]
+    assert [r.name for r in rungs] == [
+        "bce",
+        "+raf",
+        "+deformable",
+        "+residual",
+        "+se",
+        "+xattn+projector",
+        "+text_kernel",
+    ]
     assert select_rungs(rungs, "raf,bce") == [0, 1]
-    assert select_rungs(rungs, None) == list(range(6))
+    assert select_rungs(rungs, None) == list(range(7))
     with pytest.raises(SystemExit):
         select_rungs(rungs, "bce,+nope")
 
     def cfg(i):
         return load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *rung_overrides(rungs, i)])
 
-    bce, raf, full = cfg(0), cfg(1), cfg(5)
+    bce, raf, full = cfg(0), cfg(1), cfg(len(rungs) - 1)
     assert (bce.loss.bce, bce.loss.focal, bce.loss.dice) == (1.0, 0.0, 0.0)
-    assert not any(getattr(bce.model.decoder, s) for s in ("deformable", "residual", "se", "cross_attention"))
+    assert not any(
+        getattr(bce.model.decoder, s)
+        for s in ("deformable", "residual", "se", "cross_attention", "text_kernel")
+    )
     assert (raf.loss.bce, raf.loss.focal, raf.loss.dice) == (1.0, 2.0, 1.0)
     assert raf.model.decoder == bce.model.decoder
     assert all(
         getattr(full.model.decoder, s)
-        for s in ("deformable", "residual", "se", "cross_attention", "projector")
+        for s in ("deformable", "residual", "se", "cross_attention", "projector", "text_kernel")
     )
     assert full.model.decoder == base.model.decoder and full.loss == base.loss
 

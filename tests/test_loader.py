@@ -430,6 +430,57 @@ def test_train_crops_masks_and_orientation(tmp_path: Path, width: int, height: i
     assert np.mean(overlaps) >= 0.75
 
 
+def test_train_phrases_per_image_share_one_crop(tmp_path: Path) -> None:
+    """With phrases_per_image = k, up to k tasks of an image share one crop that keeps ≥ 5% of their union,
+    the batch stores that crop once (``image_index`` maps tasks to it), and every task's mask is its own
+    target in that crop. With the default k = 1 every task has its own image slot."""
+    records = write_shards(tmp_path, [6, 6], width=96, height=72, negatives=True)
+    expected = all_tasks(records)
+    stream, _ = make_train_loader(
+        tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, negative_rate=0.25,
+        steps_per_epoch=10, phrases_per_image=2, return_dataset=True,
+    )  # fmt: skip
+    images = tasks = 0
+    for batch in stream:
+        index = batch["image_index"]
+        assert index.shape == (8,) and batch["masks"].shape == (8, 1, 48, 48)
+        n = batch["pixel_values"].shape[0]
+        assert sorted(set(index.tolist())) == list(range(n))  # every stored crop is used
+        images, tasks = images + n, tasks + 8
+        for slot in range(n):
+            members = (index == slot).nonzero().flatten().tolist()
+            assert 1 <= len(members) <= 2
+            assert len({batch["key"][i] for i in members}) == 1
+            assert len({tuple(batch["crop_box"][i].tolist()) for i in members}) == 1
+            box = [int(v) for v in batch["crop_box"][members[0]]]
+            record = expected[batch["task_id"][members[0]]][0]
+            targets = [expected[batch["task_id"][i]][1] for i in members if batch["kind"][i] != "negative"]
+            if targets:
+                union = rasterize_polygons(
+                    [p for t in targets for p in t.polygons], record.width, record.height
+                )
+                assert object_fraction(union, box) >= 0.05
+            rgb = unnormalize(batch["pixel_values"][slot])
+            for i in members:
+                if batch["kind"][i] == "negative":
+                    assert batch["masks"][i].sum() == 0
+                    continue
+                task = expected[batch["task_id"][i]][1]
+                mask = batch["masks"][i][0].numpy()
+                np.testing.assert_array_equal(mask, target_mask_array(task.polygons, box, 48))
+                if mask.sum() >= 20:  # the task's own colour under its mask, in the shared pixels
+                    painted = colour_mask(rgb, task.phrase.split()[0]).astype(bool)
+                    assert (painted & grow(mask > 0)).sum() >= 0.95 * painted.sum(), task.phrase
+    assert images < 0.7 * tasks  # each image holds 3 objects: most crops serve two phrases
+
+    single = next(iter(make_train_loader(
+        tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, steps_per_epoch=1, return_dataset=True,
+    )[0]))  # fmt: skip
+    assert single["image_index"].tolist() == list(range(8)) and single["pixel_values"].shape[0] == 8
+    with pytest.raises(ValueError, match="phrases_per_image"):
+        make_train_loader(tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, phrases_per_image=0)
+
+
 @pytest.mark.parametrize("shard_negatives", [False, True])
 def test_train_negative_rate(tmp_path: Path, shard_negatives: bool) -> None:
     records = write_shards(tmp_path, [10, 10], width=40, height=32, negatives=shard_negatives)

@@ -193,3 +193,36 @@ def test_weight_mask() -> None:
     assert out["bce"].item() == pytest.approx((math.log(2) + math.log(1 + math.exp(2))) / 2, rel=1e-6)
     q0, q1 = 0.25, (1 - sig(2)) * sig(2)
     assert out["dice"].item() == pytest.approx(1 - (2 * q0 + 1) / (q0 + q1 + 1 + 1), rel=1e-6)
+
+
+def test_region_phrase_loss_hand_values() -> None:
+    """Three tasks on image 0 (two share the left cell as target), one negative on image 1; a 1×2 grid."""
+    from segvlm.losses import region_phrase_loss
+
+    left, right = [1.0, 0.0], [0.0, 1.0]
+    # P×1×2 map per task: the left cell embeds to (1, 0), the right cell to (0, 1)
+    emb = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]).expand(4, 2, 1, 2)
+    targets = torch.tensor([left, right, [0.0, 0.0], left]).view(4, 1, 1, 2)
+    phrases = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # normalised by the loss
+    image_index = torch.tensor([0, 0, 1, 0])
+    loss = region_phrase_loss(emb, phrases, targets, image_index, torch.tensor(0.0), torch.tensor(-0.5))
+
+    c = 1 / math.sqrt(2)
+    regions = {0: (1.0, 0.0), 1: (0.0, 1.0), 3: (1.0, 0.0)}  # task 2 has no target, so no region
+    units = {0: (1.0, 0.0), 1: (c, c), 3: (1.0, 0.0)}  # phrases of image 0 (task 2 is on image 1)
+    same = {(0, 0), (0, 3), (3, 0), (3, 3), (1, 1)}
+    expected = (
+        sum(
+            bce(r[0] * u[0] + r[1] * u[1] - 0.5, int((i, j) in same))
+            for i, r in regions.items()
+            for j, u in units.items()
+        )
+        / 3
+    )
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+    # no targets at all: zero, still differentiable
+    scale = torch.tensor(0.0, requires_grad=True)
+    empty = region_phrase_loss(emb, phrases, torch.zeros_like(targets), image_index, scale, torch.tensor(0.0))
+    assert float(empty.detach()) == 0.0
+    empty.backward()

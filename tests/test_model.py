@@ -90,6 +90,35 @@ def test_gradients_reach_every_trainable_parameter():
     assert not no_grad, f"no gradient reaches {no_grad}"
 
 
+def test_shared_images_match_repeated_images():
+    """Phrases that share an image through ``image_index`` get the logits and gradients of the same
+    images repeated once per phrase; a mismatched index is refused."""
+    torch.manual_seed(0)
+    model = build_model(model_config("segvlm_tiny")).train()
+    perturb_zero_init(model)
+    phrases = ["the red circle", "two green stars", "the square", "the blue shapes", "a star"]
+    images = torch.randn(2, 3, 128, 128)
+    index = torch.tensor([1, 0, 1, 1, 0])
+    tokens = model.backbone.tokenize(phrases)
+    target = torch.rand(5, 1, 128, 128).round()
+    grads = []
+    for kwargs in ({"pixel_values": images, "image_index": index}, {"pixel_values": images[index]}):
+        model.zero_grad()
+        logits = model(**kwargs, **tokens)
+        F.binary_cross_entropy_with_logits(logits, target).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if "image_index" in kwargs:
+            shared = logits.detach()
+    torch.testing.assert_close(shared, logits.detach(), rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="image_index"):
+        model(images, **tokens)
+    with pytest.raises(ValueError, match="image_index"):
+        model(images, **tokens, image_index=torch.tensor([0, 1, 2, 0, 1]))
+
+
 def test_frozen_backbone_gets_no_gradients(tiny_dir):
     torch.manual_seed(0)
     model = build_model(clipseg_like(tiny_dir, cross_attention=True)).train()
@@ -174,6 +203,50 @@ def test_stem_skip_adds_modules_and_uses_stem_features():
     assert without < with_skip
     with pytest.raises(ConfigError, match="stem_skip"):
         model_config("segvlm_tiny", ["backbone.image_stem=patch"])
+
+
+def test_text_kernel_replaces_the_last_convt_and_reads_the_phrase():
+    base, _ = _decoder_names(clipseg_like())
+    params, _ = _decoder_names(_with(clipseg_like(), text_kernel=True))
+    assert {n for n in base - params} == {"transposed_convolution.4.weight", "transposed_convolution.4.bias"}
+    assert params - base == {"text_kernel.weight", "text_kernel.bias"}
+    with pytest.raises(ConfigError, match="text_kernel"):
+        _with(clipseg_like(), text_kernel=True, complex_transposed_convolution=False).decoder.validate()
+
+    torch.manual_seed(0)
+    model = build_model(model_config("segvlm_tiny", ["decoder.text_kernel=true"])).eval()
+    image = torch.randn(1, 3, 128, 128).expand(2, -1, -1, -1)
+    tokens = model.backbone.tokenize(["the red circle", "the blue squares"])
+    with torch.no_grad():
+        logits = model(image, **tokens)
+        assert logits.shape == (2, 1, 128, 128)
+        assert not torch.allclose(logits[0], logits[1])  # same pixels, different phrase
+        # a kernel of zeros and a bias of 5 whatever the phrase: every pixel's logit is 5
+        model.decoder.text_kernel.weight.zero_()
+        model.decoder.text_kernel.bias.copy_(torch.tensor([0.0] * 32 + [5.0]))
+        torch.testing.assert_close(model(image, **tokens), torch.full((2, 1, 128, 128), 5.0))
+
+
+def test_region_head_only_with_its_loss():
+    from segvlm.config import ExperimentConfig, validate
+
+    params, _ = _decoder_names(_with(clipseg_like(), region_head=True))
+    assert params - _decoder_names(clipseg_like())[0] == {
+        "region_head.proj.weight", "region_head.proj.bias", "region_head.logit_scale", "region_head.logit_bias",
+    }  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(model_config("segvlm_tiny", ["decoder.region_head=true"]))
+    _, aux = model(**batch(model, ["the red circle", "two stars"]), return_aux=True)
+    assert aux["region_embedding"].shape == (2, 128, 8, 8) and aux["phrase_embedding"].shape == (2, 128)
+    experiment = ExperimentConfig()
+    for region, head in ((1.0, False), (0.0, True)):
+        bad = dataclasses.replace(
+            experiment,
+            loss=dataclasses.replace(experiment.loss, region=region),
+            model=_with(experiment.model, region_head=head),
+        )
+        with pytest.raises(ConfigError, match="region"):
+            validate(bad)
 
 
 # -------------------------------------------------------------------------------------------- presets

@@ -1,0 +1,41 @@
+"""The training loop's pieces that need no Ray: the schedule and the optimizer's parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from jobs.train_loop import TEXT_TOWER, learning_rate, make_optimizer
+from segvlm.config import ConfigError, OptimConfig
+from segvlm.registry import build_model, model_config
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine() -> None:
+    optim = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    assert learning_rate(0, optim, 110) == pytest.approx(1e-4)  # (0 + 1) / 10 of lr
+    assert learning_rate(9, optim, 110) == pytest.approx(1e-3)
+    assert learning_rate(10, optim, 110) == pytest.approx(1e-3)  # cosine at progress 0
+    assert learning_rate(60, optim, 110) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # halfway
+    assert learning_rate(110, optim, 110) == pytest.approx(1e-5)
+    assert learning_rate(35, optim, 110) == pytest.approx(1e-5 + 0.5 * 0.99e-3 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_optimizer_groups_split_decay_and_the_text_tower(scale: float) -> None:
+    model = build_model(model_config("segvlm_tiny"))
+    optimizer = make_optimizer(model, OptimConfig(weight_decay=0.05, text_lr_scale=scale))
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            seen.append(name)
+            assert group["weight_decay"] == (0.05 if p.ndim > 1 else 0.0), name
+            is_text = name.startswith(TEXT_TOWER)
+            assert group["lr_scale"] == (scale if is_text else 1.0), name
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert any(n.startswith("backbone.clip.text_model.") for n in seen)
+    assert len(optimizer.param_groups) == (2 if scale == 1.0 else 4)
+    with pytest.raises(ConfigError, match="text_lr_scale"):
+        OptimConfig(text_lr_scale=0.0).validate()
