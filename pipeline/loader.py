@@ -11,7 +11,8 @@ Training (``make_train_loader``)
     CLIPSeg augmentation (random square crop keeping ≥ 5% of the object, resize, no flip) → task-level
     shuffle → batches. With ``phrases_per_image = k > 1`` up to k tasks of an image share one crop and sit
     next to each other (no task-level shuffle), so a batch holds each image once and the model encodes
-    it once for all its phrases (``image_index``). The stream is endless, and every rank takes exactly ``steps_per_epoch`` batches
+    it once for all its phrases (``image_index``).
+    The stream is endless, and every rank takes exactly ``steps_per_epoch`` batches
     from it (split over its loader workers), so all ranks run the same number of steps however uneven the
     shards are (SPEC 7: unequal batch counts hang DDP). Without ``steps_per_epoch``/``samples_per_epoch``
     the loader is infinite (``next()`` it for as long as you train).
@@ -376,10 +377,9 @@ def _train_items(
             for task, box in zip(chosen, boxes):
                 x0, y0, x1, y1 = box
                 if shared is None or per_image == 1:
-                    pixels = pil_to_uint8_array(
+                    shared = pil_to_uint8_array(
                         crop_resize(image, (x0 * fx, y0 * fy, x1 * fx, y1 * fy), size)
                     )
-                    shared = pixels
                     group += 1
                 mask = (
                     target_mask_array(task.polygons, box, size)
