@@ -357,8 +357,11 @@ class CLIPBackbone(nn.Module):
         n, b = pixel_values.shape[0], input_ids.shape[0]
         if image_index is None and n != b:
             raise ValueError(f"{n} images for {b} phrases: pass image_index to pair them")
+        # the range check reads the indices, which would stall a GPU every step: there index_select asserts
+        on_cpu = image_index is not None and image_index.device.type == "cpu"
         if image_index is not None and (
-            image_index.shape != (b,) or (b and not 0 <= int(image_index.min()) <= int(image_index.max()) < n)
+            image_index.shape != (b,)
+            or (on_cpu and b and not 0 <= int(image_index.min()) <= int(image_index.max()) < n)
         ):
             raise ValueError(
                 f"image_index must be {b} indices into {n} images, got {tuple(image_index.shape)}"
