@@ -18,7 +18,9 @@ then evaluated (``jobs.eval.run_eval``) on the validation shards (``--eval-split
 ``+residual``       decoder.residual=true
 ``+se``             decoder.se=true
 ``+xattn+projector`` decoder.cross_attention=true decoder.projector=true (the paper's SegVLM)
-``+text_kernel``    decoder.text_kernel=true (the demo's model)
+``+text_kernel``    decoder.text_kernel=true
+``+words``          decoder.word_head=true loss.words=<the config's> (only when the config uses the
+                    region–word loss; the demo's model)
 ==================  =====================================================================================
 
 The parent run gets ``ablation.md`` (the comparison table), ``ablation.json`` and ``ablation.png`` (official mean
@@ -53,17 +55,22 @@ class Rung:
 
 
 def ladder(loss: Any) -> list[Rung]:
-    """The seven rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf``."""
-    return [
+    """The rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf`` and, when it
+    uses the region–word loss, its weight in an eighth rung ``+words``."""
+    rungs = [
         Rung(
             "bce",
             "bce",
             "CLIPSeg baseline (BCE only, plain decoder)",
             (
                 *(f"model.decoder.{s}=false" for s in SWITCHES),
+                "model.decoder.region_head=false",
+                "model.decoder.word_head=false",
                 "loss.bce=1.0",
                 "loss.focal=0.0",
                 "loss.dice=0.0",
+                "loss.region=0.0",
+                "loss.words=0.0",
             ),
         ),
         Rung(
@@ -88,6 +95,16 @@ def ladder(loss: Any) -> list[Rung]:
             ("model.decoder.text_kernel=true",),
         ),
     ]
+    if loss.words > 0:
+        rungs.append(
+            Rung(
+                "+words",
+                "words",
+                "region–word loss: each target names its words",
+                ("model.decoder.word_head=true", f"loss.words={loss.words!r}"),
+            )
+        )
+    return rungs
 
 
 def rung_overrides(rungs: Sequence[Rung], index: int) -> list[str]:

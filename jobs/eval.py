@@ -33,13 +33,15 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     from jobs.evaluation import evaluate
     from pipeline.loader import make_eval_loader
     from segvlm.checkpoint import load_checkpoint
+    from segvlm.inference import checkpoint_threshold
     from segvlm.metrics import format_markdown_table
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
-    model, model_cfg, _ = load_checkpoint(config["checkpoint"])
+    model, model_cfg, meta = load_checkpoint(config["checkpoint"])
+    threshold = config["threshold"] if config["threshold"] is not None else checkpoint_threshold(meta)
     model.to(device)
     loader = make_eval_loader(
         config["data"],
@@ -53,8 +55,16 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     )
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else nullcontext
     start = time.perf_counter()
-    result = evaluate(model, loader, device=device, autocast=autocast, official_dir=config["official_dir"])
+    result = evaluate(
+        model,
+        loader,
+        device=device,
+        autocast=autocast,
+        threshold=threshold,
+        official_dir=config["official_dir"],
+    )
     summary = result.all_reduce().compute()
+    summary["threshold"] = threshold
     summary["seconds"] = time.perf_counter() - start
     if rank == 0:
         out = Path(config["out"])
@@ -86,8 +96,15 @@ def run_eval(
     tracking_uri: str | None = None,
     experiment: str = "segvlm",
     run_id: str | None = None,
+    threshold: float | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``checkpoint`` on the shards at ``data`` and return the report (also written to ``out``)."""
+    """Evaluate ``checkpoint`` on the shards at ``data`` and return the report (also written to ``out``).
+
+    Masks are ``probability > threshold``; ``None`` takes the checkpoint's (chosen on validation during
+    training, 0.5 for a checkpoint without one). The report states it as ``threshold``.
+    """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     quiet_environment()
     init_ray(ray_address)
     from ray.train import RunConfig, ScalingConfig
@@ -104,6 +121,7 @@ def run_eval(
             "out": str(out_dir),
             "batch_size": batch_size,
             "use_gpu": use_gpu,
+            "threshold": threshold,
             "threads": max(1, (os.cpu_count() or 1) // max(1, num_workers)),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -145,12 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="foreground if probability > T (default: the checkpoint's, chosen on validation; else 0.5)",
+    )
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--tracking-uri", default=None, help="log the report to this MLflow store")
     parser.add_argument("--run-id", default=None, help="append to this MLflow run instead of a new one")
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).exists() and "://" not in args.checkpoint:
         print(f"segvlm eval: checkpoint not found: {args.checkpoint}")
+        return 2
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        print(f"segvlm eval: --threshold must lie in [0, 1], got {args.threshold}")
         return 2
     out = args.out or str(Path(args.checkpoint) / f"eval-{args.split}")
     report = run_eval(
@@ -165,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_address=args.ray_address,
         tracking_uri=args.tracking_uri,
         run_id=args.run_id,
+        threshold=args.threshold,
     )
     from segvlm.metrics import format_markdown_table
 

@@ -79,7 +79,8 @@ def evaluate(
     """Score every task the loader yields.
 
     Official metrics and boundary F use the probabilities resized to the original image size and thresholded
-    at ``threshold``; the CLIPSeg protocol uses the probabilities at the model's resolution. Tasks of kind
+    at ``threshold`` (``calibration/*`` scores the same probabilities at other thresholds); the CLIPSeg
+    protocol uses the probabilities at the model's resolution. Tasks of kind
     ``negative`` (empty target) are counted apart (``official/negative/*``): PhraseCut has none, and the
     official IoU would score every one of them 0 whatever the prediction.
     """
@@ -103,7 +104,8 @@ def evaluate(
         model_masks = batch["masks"][:, 0] > 0.5
         for i, task_id in enumerate(batch["task_id"]):
             height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
-            pred = (probabilities_to_size(logits[i, 0], height, width) > threshold).numpy()
+            prob_full = probabilities_to_size(logits[i, 0], height, width)
+            pred = (prob_full > threshold).numpy()
             if out_dir is not None:
                 write_png_atomic(pred, out_dir / f"{task_id}.png")
             # the official ground truth: polygons (original-image pixels) rasterised at the original size
@@ -121,6 +123,7 @@ def evaluate(
                 negative=False,
                 prob=probabilities[i],
                 prob_gt=model_masks[i],
+                prob_full=prob_full,
             )
             if len(result.overlays) < overlays:
                 image = _denormalize(batch["pixel_values"][i]).resize((width, height))

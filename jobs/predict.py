@@ -1,13 +1,14 @@
 """Segment one image with one phrase: ``segvlm predict --checkpoint CKPT --image FILE --phrase TEXT --out mask.png``.
 
 Launch: ``segvlm predict --checkpoint runs/demo/best --image cat.jpg --phrase "the black cat" --out mask.png
-[--overlay overlay.png] [--save-logits logits.npy] [--threshold 0.5] [--device cpu]``
+[--overlay overlay.png] [--save-logits logits.npy] [--threshold T] [--device cpu]``
 (same as ``python -m jobs.predict ...``).
 
 Writes a binary mask PNG (mode L, 0/255) at the image's original size, optionally an overlay (image + tinted
 mask + caption) and the raw logits at the model's input size as a float32 ``.npy``
-(``mask == bilinear(sigmoid(logits), H×W) > threshold``). Every output is written under a temporary name
-and renamed, so a reader never sees half a file. Bad inputs exit with code 2 and a one-line message.
+(``mask == bilinear(sigmoid(logits), H×W) > threshold``; the threshold is the checkpoint's, chosen on
+validation, unless ``--threshold`` is given). Every output is written under a temporary name and renamed, so
+a reader never sees half a file. Bad inputs exit with code 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="binary mask PNG to write (0/255, original image size)")
     p.add_argument("--overlay", help="also write the image with the mask tinted and the phrase as a caption")
     p.add_argument("--save-logits", help="also write the S×S float32 logits at the model's input size (.npy)")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground if probability > T (default 0.5)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="foreground if probability > T (default: the checkpoint's, chosen on validation; else 0.5)",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     return p
 
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     phrase = " ".join(str(args.phrase).split())
     if not phrase:
         raise UsageError("phrase is empty or whitespace: pass --phrase 'the thing to segment'")
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
     image = _load_image(Path(args.image))
 
@@ -95,7 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         raise UsageError(f"cannot load checkpoint {ckpt}: {err}") from err
 
     probabilities, logits = predictor.predict(image, phrase)
-    mask = probabilities > args.threshold
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    mask = probabilities > threshold
 
     from PIL import Image
 
@@ -119,9 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         _atomic_write(path, save_npy)
         written["logits"] = str(path)
     share = float(mask.mean())
-    print(
-        f"{PROG}: {phrase!r}: {share:.1%} of {image.width}×{image.height} px above {args.threshold} -> {out}"
-    )
+    print(f"{PROG}: {phrase!r}: {share:.1%} of {image.width}×{image.height} px above {threshold:g} -> {out}")
     return written
 
 

@@ -1,7 +1,8 @@
 """The MLflow pyfunc flavour of a segvlm checkpoint (what the model registry serves).
 
 Input: a DataFrame (or list of dicts) with ``image_path`` and ``phrase``; output: one dict per row with the
-mask's foreground share and the mask itself as a nested list at the original image size (threshold 0.5).
+mask's foreground share and the mask itself as a nested list at the original image size. The threshold is the
+checkpoint's (chosen on validation, 0.5 if it has none) unless ``params={"threshold": t}`` is passed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class SegVLMPyFunc(mlflow.pyfunc.PythonModel):
         from PIL import Image
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        threshold = float((params or {}).get("threshold", 0.5))
+        threshold = float((params or {}).get("threshold", self.predictor.threshold))
         out = []
         for row in rows:
             with Image.open(row["image_path"]) as image:

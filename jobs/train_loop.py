@@ -31,7 +31,8 @@ from pipeline.loader import make_eval_loader, make_train_loader
 from pipeline.progress import Progress
 from segvlm.checkpoint import load_weights, save_checkpoint
 from segvlm.config import ExperimentConfig, OptimConfig, flatten, from_dict, to_yaml
-from segvlm.losses import RAFLoss, region_phrase_loss
+from segvlm.inference import DEFAULT_THRESHOLD
+from segvlm.losses import RAFLoss, content_token_mask, region_phrase_loss, region_word_loss
 from segvlm.registry import build_model
 
 TRAIN_STATE = "train_state.pt"
@@ -133,7 +134,10 @@ def _save_train_checkpoint(
     state: dict,
 ) -> None:
     save_checkpoint(
-        model, cfg.model, directory / MODEL_DIR, extra={"step": state["step"], "run_id": state["run_id"]}
+        model,
+        cfg.model,
+        directory / MODEL_DIR,
+        extra={"step": state["step"], "run_id": state["run_id"], "threshold": state["threshold"]},
     )
     torch.save({"optimizer": optimizer.state_dict(), **state}, directory / TRAIN_STATE)
 
@@ -161,6 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "seconds": 0.0,  # training time of earlier attempts, so a resumed run keeps its time budget
         "run_id": loop_config.get("run_id"),
         "best": -1.0,
+        "threshold": DEFAULT_THRESHOLD,  # the decision threshold checkpoints predict with (last validation's)
     }
 
     checkpoint = ray.train.get_checkpoint()
@@ -220,6 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         shuffle_buffer=cfg.data.shuffle_buffer,
         crop_scale=cfg.data.crop_scale,
         phrases_per_image=cfg.data.phrases_per_image,
+        hflip=cfg.data.hflip,
     )
     batches = iter(train_loader)
     loss_fn = RAFLoss(cfg.loss)
@@ -272,6 +278,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         aux["region_logit_bias"],
                     )
                     terms["loss"] = terms["loss"] + cfg.loss.region * terms["region"]
+                if cfg.loss.words > 0:
+                    words = tokenize(batch["target_words"])
+                    terms["words"] = region_word_loss(
+                        aux["word_embedding"],
+                        aux["vocabulary"],
+                        masks,
+                        words["input_ids"].to(device),
+                        content_token_mask(words["attention_mask"]).to(device),
+                    )
+                    terms["loss"] = terms["loss"] + cfg.loss.words * terms["words"]
                 (terms["loss"] / accum).backward()
             for name, value in terms.items():
                 window[name] += float(value.detach()) / accum
@@ -345,11 +361,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             summary = result.all_reduce().compute()
             last_score = summary["official/mean_iou"]
             state["best"] = max(state["best"], last_score)
+            if cfg.train.calibrate_threshold and summary["official/count"] > 0:
+                state["threshold"] = summary["calibration/threshold"]
             log_evaluation(logger, result, summary, step=state["step"], prefix="val")
             if rank == 0:
                 print(
                     f"[segvlm] step {state['step']} validation: mean IoU {summary['official/mean_iou']:.4f} "
-                    f"cum IoU {summary['official/cum_iou']:.4f} ({int(summary['official/count'])} tasks)",
+                    f"cum IoU {summary['official/cum_iou']:.4f} ({int(summary['official/count'])} tasks); "
+                    f"threshold {state['threshold']:g} (mean IoU {summary['calibration/mean_iou']:.4f} "
+                    f"at {summary['calibration/threshold']:g})",
                     flush=True,
                 )
 

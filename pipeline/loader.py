@@ -8,7 +8,8 @@ item per task, decoding the JPEG once per image.
 Training (``make_train_loader``)
     ``resampled`` shards (drawn with replacement, per rank and loader worker, seeded) → image-level shuffle
     of the raw samples → optional phrase-type balancing → negatives mixed in at ``negative_rate`` →
-    CLIPSeg augmentation (random square crop keeping ≥ 5% of the object, resize, no flip) → task-level
+    CLIPSeg augmentation (random square crop keeping ≥ 5% of the object, resize; optionally a horizontal
+    flip with ``left`` ↔ ``right`` swapped in the phrase, ``hflip``) → task-level
     shuffle → batches. With ``phrases_per_image = k > 1`` up to k tasks of an image share one crop and sit
     next to each other (no task-level shuffle), so a batch holds each image once and the model encodes
     it once for all its phrases (``image_index``).
@@ -48,12 +49,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.prompts import singular
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.transforms import (
     TokenizeFn,
     crop_resize,
     decode_image,
+    mirror_phrase,
     normalize_uint8_batch,
     pil_to_uint8_array,
     random_object_crop,
@@ -162,8 +165,13 @@ def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[st
     image_index    B int64: task b's image is ``pixel_values[image_index[b]]``
     input_ids      B×L int64          attention_mask  B×L int64
     masks          B×1×S×S float32 in {0, 1}
-    phrase, task_id, phrase_type, kind, key: lists of length B
+    phrase, task_id, phrase_type, kind, key: lists of length B (phrase as the model sees it: mirrored
+                   when flipped)
+    target_words   list of B strings: the attributes and name of the phrase's subject ("red triangle",
+                   from ``phrase_structure``), what the region–word loss asks the target to be called;
+                   "" for negatives and tasks without a structure
     crop_box       B×4 int64, (x0, y0, x1, y1) in stored-image pixels
+    flipped        B bool: the crop (pixels and mask) was mirrored left–right after cropping
 
     Items carrying the same ``group`` share one crop (``phrases_per_image > 1``); items without one are
     their own image (N = B).
@@ -183,7 +191,9 @@ def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[st
         "phrase_type": [it["phrase_type"] for it in items],
         "kind": [it["kind"] for it in items],
         "key": [it["key"] for it in items],
+        "target_words": [it.get("target_words", "") for it in items],
         "crop_box": torch.tensor([it["crop_box"] for it in items], dtype=torch.int64),
+        "flipped": torch.tensor([it.get("flipped", False) for it in items], dtype=torch.bool),
     }
 
 
@@ -291,6 +301,19 @@ class _NegativeSource:
         return out
 
 
+def _target_words(task: Task) -> str:
+    """``"red triangle"``: the attributes and name of a positive task's subject, from its structure, the
+    name's last word in the singular ("the red triangles" and "the red triangle" name their targets alike)."""
+    if task.kind == "negative" or not task.phrase_structure:
+        return ""
+    structure = task.phrase_structure
+    name = str(structure.get("name") or "").lower().split()
+    if name:
+        name[-1] = singular(name[-1])
+    attributes = [" ".join(str(a).lower().split()) for a in structure.get("attributes") or []]
+    return " ".join([*(a for a in attributes if a), *name])
+
+
 def _name(task: Task) -> str:
     return str((task.phrase_structure or {}).get("name") or "").strip().lower()
 
@@ -324,6 +347,7 @@ class _TrainConfig:
     min_object_fraction: float
     crop_scale: tuple[float, float]
     phrases_per_image: int = 1
+    hflip: float = 0.0
 
 
 def _train_items(
@@ -339,7 +363,8 @@ def _train_items(
     their items are emitted consecutively with the same ``group`` number, and ``collate_train`` stores
     that image once. Everything that needs only the JSON (task choice, negatives, crop boxes) is decided
     before the JPEG is decoded, so the decode happens once per image, at a reduced DCT scale when every
-    crop allows it.
+    crop allows it. With probability ``hflip`` a crop (shared by its group) is mirrored left–right, its
+    masks with it, and each of its phrases is mirrored too (``mirror_phrase``), so the pair stays true.
     """
     size = cfg.image_size
     negatives = _NegativeSource(cfg.negative_rate, rng)
@@ -373,29 +398,38 @@ def _train_items(
                 fx = fy = 1.0 / reduction
             else:
                 fx, fy = image.width / w, image.height / h
-            shared = None
+            shared, flipped = None, False
             for task, box in zip(chosen, boxes):
                 x0, y0, x1, y1 = box
                 if shared is None or per_image == 1:
                     shared = pil_to_uint8_array(
                         crop_resize(image, (x0 * fx, y0 * fy, x1 * fx, y1 * fy), size)
                     )
+                    flipped = cfg.hflip > 0 and bool(rng.random() < cfg.hflip)
+                    if flipped:
+                        shared = np.ascontiguousarray(shared[:, :, ::-1])
                     group += 1
                 mask = (
                     target_mask_array(task.polygons, box, size)
                     if task.polygons
                     else np.zeros((size, size), np.uint8)
                 )
+                words = _target_words(task)
+                if flipped:
+                    mask = np.ascontiguousarray(mask[:, ::-1])
+                    words = mirror_phrase(words)
                 yield {
                     "pixels": shared,  # 3×S×S uint8, normalised per batch
                     "group": group,  # items with the same group share their pixels
                     "mask": mask[None],  # 1×S×S uint8
-                    "phrase": task.phrase,
+                    "phrase": mirror_phrase(task.phrase) if flipped else task.phrase,
                     "task_id": task.task_id,
                     "phrase_type": task.phrase_type,
                     "kind": task.kind,
                     "key": key,
                     "crop_box": box,
+                    "flipped": flipped,
+                    "target_words": words,
                 }
             errors.ok()
         except Exception as exn:  # a corrupt sample is skipped (and counted), never fatal on its own
@@ -518,6 +552,7 @@ def make_train_loader(
     min_object_fraction: float = 0.05,
     crop_scale: tuple[float, float] = (0.5, 1.0),
     phrases_per_image: int = 1,
+    hflip: float = 0.0,
     pin_memory: bool = False,
     return_dataset: bool = False,
 ) -> tuple[TrainLoader | TrainStream, LoaderInfo]:
@@ -530,6 +565,7 @@ def make_train_loader(
     run out. ``shuffle_buffer`` counts raw image samples (compressed bytes, cheap); ``task_shuffle_buffer``
     counts augmented tasks (uint8 ``3×S×S`` each, ~0.37 MB at 352 px, per worker) and is unused when
     ``phrases_per_image > 1`` (up to that many tasks of one image share a crop; see ``collate_train``).
+    ``hflip`` is the probability of mirroring a crop left–right together with its phrases (left ↔ right).
     Returns a ``TrainLoader`` (``batch_size=None``; batching happens in the pipeline), or the bare
     ``TrainStream`` with ``return_dataset=True``.
     """
@@ -537,6 +573,8 @@ def make_train_loader(
         raise ValueError(f"rank {rank} outside world_size {world_size}")
     if phrases_per_image < 1:
         raise ValueError(f"phrases_per_image must be >= 1, got {phrases_per_image}")
+    if not 0.0 <= hflip <= 1.0:
+        raise ValueError(f"hflip must lie in [0, 1], got {hflip}")
     urls, sizes = list_shards(urls_or_dir, split)
     if steps_per_epoch is None and samples_per_epoch is not None:
         steps_per_epoch = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
@@ -550,6 +588,7 @@ def make_train_loader(
         min_object_fraction=min_object_fraction,
         crop_scale=tuple(crop_scale),
         phrases_per_image=phrases_per_image,
+        hflip=hflip,
     )
     stream = TrainStream(urls, cfg, tokenizer, seed=seed, rank=rank, steps_per_epoch=steps_per_epoch)
     info = LoaderInfo(

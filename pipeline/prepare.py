@@ -59,6 +59,7 @@ class PrepareConfig:
     shard_samples: int | None = None
     shard_bytes: int | None = None
     synthetic_prompts: bool = False
+    # prompts per original task and kind; None with synthetic_prompts: pipeline.prompts.DEFAULT_RATES
     prompt_rates: dict[str, float] | None = None
     seed: int = 0
     progress_every: float = 5.0
@@ -74,6 +75,10 @@ class PrepareConfig:
             raise ValueError("--shard-samples must be >= 1")
         if self.shard_bytes is not None and self.shard_bytes < 1:
             raise ValueError("--shard-bytes must be >= 1")
+        if self.synthetic_prompts and self.prompt_rates is None:
+            from pipeline.prompts import DEFAULT_RATES
+
+            object.__setattr__(self, "prompt_rates", dict(DEFAULT_RATES))
 
     def fingerprint(self) -> str:
         """Hash of the settings that change shard content: a sidecar from other settings is not reused."""

@@ -191,12 +191,17 @@ class ConvStem(nn.Module):
 class BackboneOutput:
     """What ``CLIPBackbone.forward`` returns.
 
+    Image features have one row per *image* (N), text features one per *phrase* (B); ``image_index`` pairs
+    them (phrase b shows image ``image_index[b]``), or is None when N = B and phrase b shows image b. The
+    decoder gathers image rows per phrase itself, after the work that does not depend on the phrase.
+
     Attributes:
-        activations: one B×(1+N)×Cv tensor per extracted block, shallow → deep, CLS token first.
+        activations: one N×(1+T)×Cv tensor per extracted block (T tokens), shallow → deep, CLS token first.
         text_tokens: B×L×Ct last hidden states of the text tower (after its final LayerNorm).
         text_mask: B×L bool, True for real tokens.
         text_embedding: B×P projected pooled phrase embedding (``CLIPModel.get_text_features``).
-        stem_features: B×stem_channels×H/4×W/4 from the conv stem, or None with CLIP's patch embedding.
+        stem_features: N×stem_channels×H/4×W/4 from the conv stem, or None with CLIP's patch embedding.
+        image_index: B int64 into the N images, or None.
     """
 
     activations: list[Tensor]
@@ -204,6 +209,7 @@ class BackboneOutput:
     text_mask: Tensor
     text_embedding: Tensor
     stem_features: Tensor | None = None
+    image_index: Tensor | None = None
 
 
 class CLIPBackbone(nn.Module):
@@ -285,6 +291,11 @@ class CLIPBackbone(nn.Module):
         return len(self.extract_layers)
 
     @property
+    def token_embedding(self) -> Tensor:
+        """V×text_width: the text tower's input embedding of every token of the vocabulary."""
+        return self.clip.text_model.embeddings.token_embedding.weight
+
+    @property
     def stem_channels(self) -> int | None:
         stem = self.clip.vision_model.embeddings.patch_embedding
         return stem.stem_channels if isinstance(stem, ConvStem) else None
@@ -353,7 +364,8 @@ class CLIPBackbone(nn.Module):
     ) -> BackboneOutput:
         """Encode images (N×3×H×W, CLIP-normalised, H and W multiples of the patch size) and phrases
         (B×L token ids and 0/1 mask). With ``image_index`` (B int64 into the N images) each image is encoded
-        once and its features are repeated for its phrases; without it N must equal B."""
+        once for all its phrases and the output carries the index (see ``BackboneOutput``); without it N
+        must equal B."""
         n, b = pixel_values.shape[0], input_ids.shape[0]
         if image_index is None and n != b:
             raise ValueError(f"{n} images for {b} phrases: pass image_index to pair them")
@@ -368,10 +380,6 @@ class CLIPBackbone(nn.Module):
             )
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
             activations, stem_features = self._vision(pixel_values)
-            if image_index is not None:  # N → B: one copy of the image features per phrase
-                activations = [a.index_select(0, image_index) for a in activations]
-                if stem_features is not None:
-                    stem_features = stem_features.index_select(0, image_index)
             text = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
             text_embedding = self.clip.text_projection(text.pooler_output)  # B×P
         return BackboneOutput(
@@ -380,4 +388,5 @@ class CLIPBackbone(nn.Module):
             text_mask=attention_mask.bool(),
             text_embedding=text_embedding,
             stem_features=stem_features,
+            image_index=image_index,
         )

@@ -81,6 +81,9 @@ class DecoderConfig:
     text_kernel: bool = False
     # dense embeddings of the deepest visual tokens for the region–phrase loss (loss.region); training only
     region_head: bool = False
+    # dense embeddings of the deepest visual tokens in the token-embedding space of the text tower, for the
+    # region–word loss (loss.words); training only
+    word_head: bool = False
     deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"
 
     def validate(self) -> None:
@@ -131,10 +134,15 @@ class LossConfig:
     # weight of the region–phrase alignment term (segvlm.losses.region_phrase_loss; needs
     # model.decoder.region_head); not part of RAF, logged as its own term
     region: float = 0.0
+    # weight of the region–word term (segvlm.losses.region_word_loss; needs model.decoder.word_head): each
+    # target region names the words of its phrase's name and attributes; logged as its own term
+    words: float = 0.0
 
     def validate(self) -> None:
         if self.region < 0:
             raise ConfigError(f"loss.region must be >= 0, got {self.region}")
+        if self.words < 0:
+            raise ConfigError(f"loss.words must be >= 0, got {self.words}")
         weights = (self.bce, self.focal, self.dice)
         if min(weights) < 0 or sum(weights) == 0:
             raise ConfigError(f"loss weights must be >= 0 and not all zero, got {weights}")
@@ -331,8 +339,12 @@ class DataConfig:
     # > 1: up to this many phrases of an image share its crop in a batch and the image is encoded once for
     # all of them; cheaper per task, and each batch shows the same pixels under different phrases
     phrases_per_image: int = 1
+    # probability of a horizontal flip of a training crop, its phrases mirrored with it (left <-> right)
+    hflip: float = 0.0
 
     def validate(self) -> None:
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"data.hflip must lie in [0, 1], got {self.hflip}")
         if self.phrases_per_image < 1:
             raise ConfigError(f"data.phrases_per_image must be >= 1, got {self.phrases_per_image}")
         if not 0 <= self.negative_rate < 1:
@@ -384,6 +396,9 @@ class TrainConfig:
     torch_threads: int = 0  # per worker; 0 = cpus_per_worker
     val_every: int = 1000
     val_max_tasks: int = 0  # 0 = the whole validation split
+    # store the decision threshold with the best validation mean IoU (ThresholdSweep) in each checkpoint, for
+    # eval / predict / the logged model to predict with; false: 0.5
+    calibrate_threshold: bool = True
     ckpt_every: int = 1000
     keep_checkpoints: int = 2  # best k by validation mean IoU
     max_failures: int = 2
@@ -444,9 +459,13 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         # a region head without its loss would hold parameters no gradient reaches (DDP refuses those)
-        if (self.loss.region > 0) != self.model.decoder.region_head:
-            raise ConfigError(
-                f"loss.region={self.loss.region} and model.decoder.region_head={self.model.decoder.region_head}: "
-                "the region–phrase loss needs the region head and the head is only trained by that loss; "
-                "set both or neither"
-            )
+        for loss, head, what in (
+            ("region", "region_head", "region–phrase"),
+            ("words", "word_head", "region–word"),
+        ):
+            weight, on = getattr(self.loss, loss), getattr(self.model.decoder, head)
+            if (weight > 0) != on:
+                raise ConfigError(
+                    f"loss.{loss}={weight} and model.decoder.{head}={on}: the {what} loss needs the head and "
+                    "the head is only trained by that loss; set both or neither"
+                )

@@ -29,6 +29,7 @@ from segvlm.config import DecoderConfig
 from segvlm.layers import (
     GatedCrossAttention,
     RegionPhraseHead,
+    RegionWordHead,
     ResidualRefinementBlock,
     TextImageProjector,
     film,
@@ -111,7 +112,8 @@ class SegDecoder(nn.Module):
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
         ``stem_proj``; text_kernel → ``text_kernel`` in place of ``transposed_convolution.4`` (the one
         switch that removes a CLIPSeg parameter: the last ConvT); region_head → ``region_head`` (read by
-        the region–phrase loss only, through ``return_aux``).
+        the region–phrase loss only, through ``return_aux``); word_head → ``word_head`` (read by the
+        region–word loss only, likewise).
     """
 
     def __init__(
@@ -195,6 +197,7 @@ class SegDecoder(nn.Module):
         self.region_head = (
             RegionPhraseHead(vision_width, embed_dim=projection_dim) if cfg.region_head else None
         )
+        self.word_head = RegionWordHead(vision_width, word_dim=text_width) if cfg.word_head else None
         # phrase → kernel (D/2) and bias (1) of the head's last layer
         self.text_kernel = (
             nn.Linear(d if cfg.projector else projection_dim, d // 2 + 1) if cfg.text_kernel else None
@@ -215,22 +218,28 @@ class SegDecoder(nn.Module):
         text_mask: Tensor,
         image_size: tuple[int, int],
         stem_features: Tensor | None = None,
+        image_index: Tensor | None = None,
         *,
         return_aux: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Segmentation logits for one phrase per image.
+        """Segmentation logits, one map per phrase.
 
         Args:
-            activations: ``num_layers`` tensors B×(1+h·w)×vision_width, shallow → deep, CLS first.
+            activations: ``num_layers`` tensors N×(1+h·w)×vision_width, shallow → deep, CLS first: one row
+                per image (N = B without ``image_index``).
             cond: B×projection_dim pooled projected phrase embedding (FiLM input).
             text_tokens: B×L×text_width last hidden states of the text encoder.
             text_mask: B×L bool, True = real token.
             image_size: (H, W) of the input pixels; the token grid is (H/patch, W/patch).
-            stem_features: B×stem_channels×H/4×W/4 (``cfg.stem_skip`` only).
+            stem_features: N×stem_channels×H/4×W/4 (``cfg.stem_skip`` only).
+            image_index: B int64, phrase b's image row; None pairs phrase b with row b. The per-token
+                linear maps of the image features (``reduces``, ``stem_proj``, the region head) run once
+                per image, before the rows are gathered per phrase.
             return_aux: also return a dict with ``offsets`` (B×18×h×w) and ``modulation`` (B×9×h×w) of the
                 deformable conv, ``similarity`` (B×1×h×w) of the projector, and with the region head
                 ``region_embedding`` (B×P×h×w, deepest tokens), ``phrase_embedding`` (B×P, ``cond``),
-                ``region_logit_scale`` and ``region_logit_bias`` (scalars), when those are on.
+                ``region_logit_scale`` and ``region_logit_bias`` (scalars), and with the word head
+                ``word_embedding`` (B×text_width×h×w, deepest tokens), when those are on.
 
         Returns:
             logits B×1×H×W, or ``(logits, aux)``.
@@ -261,15 +270,21 @@ class SegDecoder(nn.Module):
             pos = torch.cat((text.new_zeros(1, d), sincos_2d(h, w, d, device=text.device).to(text.dtype)))
             text_pos = sincos_1d(text.shape[1], d, device=text.device).to(text.dtype)
 
+        def per_phrase(x: Tensor) -> Tensor:  # N×… image rows → B×… phrase rows
+            return x if image_index is None else x.index_select(0, image_index)
+
         if return_aux and self.region_head is not None:
-            aux["region_embedding"] = self.region_head(activations[-1], (h, w))
+            aux["region_embedding"] = per_phrase(self.region_head(activations[-1], (h, w)))
             aux["phrase_embedding"] = cond
             aux["region_logit_scale"] = self.region_head.logit_scale
             aux["region_logit_bias"] = self.region_head.logit_bias
+        if return_aux and self.word_head is not None:
+            aux["word_embedding"] = per_phrase(self.word_head(activations[-1], (h, w)))
 
         a = None
         for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], self.layers, self.reduces)):
-            a = reduce(activation) if a is None else reduce(activation) + a
+            reduced = per_phrase(reduce(activation))  # B×(1+h·w)×D
+            a = reduced if a is None else reduced + a
             if i == self.conditional_layer:
                 a = film(a, self.film_mul(cond), self.film_add(cond))
             a = layer(a)
@@ -281,23 +296,25 @@ class SegDecoder(nn.Module):
             x, aux["similarity"] = self.projector(x, phrase)
         if self.refine is not None:
             x = self.refine(x, phrase, aux)
-        logits = self._head(x, stem_features, phrase)
+        skip = None
+        if self.stem_proj is not None:
+            if stem_features is None:
+                raise ValueError("decoder.stem_skip is on but no stem_features were given")
+            skip = per_phrase(self.stem_proj(stem_features))  # B×D/2×H/4×W/4
+        logits = self._head(x, skip, phrase)
         if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return (logits, aux) if return_aux else logits
 
-    def _head(self, x: Tensor, stem_features: Tensor | None, phrase: Tensor) -> Tensor:
+    def _head(self, x: Tensor, skip: Tensor | None, phrase: Tensor) -> Tensor:
         """B×D×h×w → B×1×(h·patch)×(w·patch) logits, or B×1×(h·patch/4)×(w·patch/4) with the text kernel.
-        Stem features join after the first ConvT (1/4 resolution), before its ReLU, so the skip can suppress
-        as well as excite."""
+        The projected stem features (``skip``, B×D/2×H/4×W/4) join after the first ConvT (1/4 resolution),
+        before its ReLU, so the skip can suppress as well as excite."""
         if not self.cfg.complex_transposed_convolution:
             return self.transposed_convolution(x)
         conv, relu1, up1, relu2 = list(self.transposed_convolution)[:4]
         y = up1(relu1(conv(x)))  # B×D/2×(h·patch/4)×(w·patch/4)
-        if self.stem_proj is not None:
-            if stem_features is None:
-                raise ValueError("decoder.stem_skip is on but no stem_features were given")
-            skip = self.stem_proj(stem_features)
+        if skip is not None:
             if skip.shape[-2:] != y.shape[-2:]:
                 skip = F.interpolate(skip, size=y.shape[-2:], mode="bilinear", align_corners=False)
             y = y + skip

@@ -4,7 +4,8 @@
 model's square input (``image_size``², CLIP mean/std normalisation, see ``segvlm.transforms.eval_transform``),
 the phrase is tokenized by the backbone's tokenizer, and the sigmoid of the logits is resized back to the
 original H×W with bilinear interpolation. Thresholding is left to the caller (``probabilities > t``), so one
-forward pass serves any threshold.
+forward pass serves any threshold; ``Predictor.threshold`` is the one the checkpoint was calibrated with on
+validation (``checkpoint_threshold``), which the CLI and the logged model use unless told otherwise.
 
 ``overlay`` draws a mask over the image with a caption bar naming the phrase, for humans (MLflow image logs,
 the ``segvlm predict --overlay`` output).
@@ -23,9 +24,23 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 
-__all__ = ["Predictor", "overlay", "probabilities_to_size"]
+__all__ = ["DEFAULT_THRESHOLD", "Predictor", "checkpoint_threshold", "overlay", "probabilities_to_size"]
 
 Tokenize = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
+
+DEFAULT_THRESHOLD = 0.5  # PhraseCut's and CLIPSeg's decision threshold, for checkpoints that store none
+
+
+def checkpoint_threshold(meta: Mapping[str, Any]) -> float:
+    """The decision threshold a checkpoint predicts with: ``extra.threshold`` of its ``meta.json`` (chosen on
+    validation by ``segvlm train``), else :data:`DEFAULT_THRESHOLD`."""
+    value = (meta.get("extra") or {}).get("threshold")
+    if value is None:
+        return DEFAULT_THRESHOLD
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"checkpoint meta.json: extra.threshold must lie in (0, 1), got {value}")
+    return value
 
 
 def probabilities_to_size(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -62,6 +77,8 @@ class Predictor:
         image_mean, image_std: per-channel normalisation the model was trained with, when it is not CLIP's
             (transformers' CLIPSeg checkpoints were trained with ImageNet's; ``convert_clipseg`` records
             theirs in the checkpoint's meta and ``from_checkpoint`` passes it on).
+        threshold: the decision threshold callers apply to the probabilities by default
+            (``from_checkpoint``: the checkpoint's, see :func:`checkpoint_threshold`).
     """
 
     def __init__(
@@ -73,6 +90,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         image_mean: tuple[float, float, float] | None = None,
         image_std: tuple[float, float, float] | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
     ) -> None:
         if tokenize is None:
             backbone = getattr(model, "backbone", None)
@@ -83,6 +101,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.image_size = int(image_size)
         self.tokenize = tokenize
+        self.threshold = float(threshold)
         # eval_transform normalises with CLIP's mean/std; an affine map turns that into another mean/std.
         self._renorm: tuple[torch.Tensor, torch.Tensor] | None = None
         if image_mean is not None or image_std is not None:
@@ -116,6 +135,7 @@ class Predictor:
             device=device,
             image_mean=tuple(mean) if mean else None,
             image_std=tuple(std) if std else None,
+            threshold=checkpoint_threshold(meta),
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

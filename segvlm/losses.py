@@ -23,7 +23,9 @@ __all__ = [
     "adaptive_dice_loss",
     "bce_loss",
     "build_loss",
+    "content_token_mask",
     "region_phrase_loss",
+    "region_word_loss",
     "sigmoid_focal_loss",
 ]
 
@@ -208,6 +210,51 @@ def region_phrase_loss(
         same_target = (weight[has_target][:, None, :] - weight[None, :, :]).abs().sum(-1) < 1e-6
         bce = F.binary_cross_entropy_with_logits(logits, same_target.float(), reduction="none")
         return (bce * same_image).sum() / has_target.sum().clamp_min(1)
+
+
+def content_token_mask(attention_mask: Tensor) -> Tensor:
+    """B×L 0/1 attention mask of CLIP-tokenized texts → B×L bool, True for the tokens between the start and
+    end tokens (CLIP's tokenizers wrap every text, even an empty one, in BOS … EOS)."""
+    real = attention_mask.bool()
+    positions = torch.arange(real.shape[1], device=real.device)
+    last = (real * positions).amax(dim=1, keepdim=True)  # the EOS of each row
+    return real & (positions > 0) & (positions < last)
+
+
+def region_word_loss(
+    word_embedding: Tensor,
+    vocabulary: Tensor,
+    targets: Tensor,
+    word_ids: Tensor,
+    word_mask: Tensor,
+) -> Tensor:
+    """Cross-entropy of each target region against the words that name it (name and attributes).
+
+    Args:
+        word_embedding: B×C×h×w dense embeddings (``RegionWordHead``), one map per task.
+        vocabulary: V×C token embeddings of the text tower (the classifier's weights, shared with it).
+        targets: B×1×H×W (or B×H×W) target masks in {0, 1}.
+        word_ids: B×L token ids of the words naming task b's target; word_mask: B×L, True where
+            ``word_ids`` holds one (``content_token_mask`` of the tokenized words).
+
+    Task b's region ``r_b`` is the mean of its map weighted by its target averaged down to h×w, its logits
+    are ``vocabulary @ r_b`` (V) and its label is the uniform distribution over its distinct word ids.
+    Returns the mean over tasks with a non-empty target and at least one word of
+    ``−Σ_v label_v · log softmax(logits)_v``; 0 (in the graph) when there is none. Float32 under autocast.
+    """
+    b, _, h, w = word_embedding.shape
+    with torch.autocast(device_type=word_embedding.device.type, enabled=False):
+        weight = F.adaptive_avg_pool2d(targets.reshape(b, 1, *targets.shape[-2:]).float(), (h, w)).flatten(1)
+        area = weight.sum(1)  # B
+        region = torch.einsum("bcn,bn->bc", word_embedding.float().flatten(2), weight)
+        region = region / area.clamp_min(1e-12)[:, None]  # B×C
+        logits = region @ vocabulary.float().T  # B×V
+        counts = torch.zeros_like(logits).scatter_add_(1, word_ids.clamp_min(0), word_mask.float())
+        label = (counts > 0).float()  # a word named twice counts once
+        words = label.sum(1)
+        valid = (area > 0) & (words > 0)
+        per_task = -(label * logits.log_softmax(dim=1)).sum(1) / words.clamp_min(1)
+        return (per_task * valid).sum() / valid.sum().clamp_min(1)
 
 
 # CLIPSeg's baseline is BCE only; "raf" is the SegVLM default. Presets are plain LossConfigs.

@@ -22,11 +22,13 @@ __all__ = [
     "CLIPSEG_THRESHOLDS",
     "OFFICIAL_PR_THRESHOLDS",
     "PHRASE_TYPES",
+    "SWEEP_THRESHOLDS",
     "BoundaryFScore",
     "ClipSegMetrics",
     "EvalMetrics",
     "Metric",
     "PhraseCutMetrics",
+    "ThresholdSweep",
     "boundary_f_score",
     "format_markdown_table",
     "official_iou",
@@ -35,6 +37,9 @@ __all__ = [
 ]
 
 OFFICIAL_PR_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+# decision thresholds ThresholdSweep scores (0.2, 0.25, …, 0.7): wide enough for a model whose probabilities
+# are not calibrated to 0.5, coarse enough that the choice on a few hundred validation tasks is not noise
+SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.2 + 0.05 * i, 2) for i in range(11))
 PHRASE_TYPES: tuple[str, ...] = ("name", "attribute", "relation", "verbose")
 SIZE_SUBSETS: tuple[str, ...] = ("small", "medium", "large")
 INSTANCE_SUBSETS: tuple[str, ...] = ("single", "multiple")
@@ -491,6 +496,59 @@ def boundary_f_score(pred: np.ndarray, gt: np.ndarray, radius: float) -> tuple[f
     return f, precision, recall
 
 
+class ThresholdSweep(Metric):
+    """The official mean IoU at several decision thresholds, to choose the one a checkpoint predicts with.
+
+    Per task: the probability map at the original image size ``p`` (H×W) and the GT mask; at each threshold t
+    the prediction is ``p > t`` and the task's IoU is :func:`official_iou`, as :class:`PhraseCutMetrics` scores
+    it. Negatives are left out, as there. ``compute`` gives ``calibration/threshold`` (the best; the lowest
+    of tied ones) and ``calibration/mean_iou`` (its mean IoU), plus ``calibration/mean_iou@t`` per threshold.
+
+    Choose on validation and predict with it on test (``segvlm train`` stores the validation choice in the
+    checkpoint): the best threshold *on test* is an oracle, reported only to show how much was left.
+    """
+
+    def __init__(self, thresholds: Iterable[float] = SWEEP_THRESHOLDS) -> None:
+        self.thresholds = np.asarray(tuple(thresholds), dtype=np.float64)
+        if self.thresholds.size == 0 or np.any(np.diff(self.thresholds) <= 0):
+            raise ValueError("thresholds must be non-empty and strictly increasing")
+        super().__init__()
+
+    def _empty_state(self) -> dict[str, np.ndarray]:
+        return {"count": np.zeros(1), "iou_sum": np.zeros(len(self.thresholds))}
+
+    def update(self, prob: torch.Tensor | np.ndarray, gt: np.ndarray) -> np.ndarray:
+        """Add one task (``prob`` H×W in [0, 1], ``gt`` H×W bool, same size). Returns its IoU per threshold."""
+        if isinstance(prob, torch.Tensor):
+            prob = prob.detach().float().cpu().numpy()
+        prob, gt = np.asarray(prob), _as_bool(gt)
+        if prob.shape != gt.shape:
+            raise ValueError(f"probabilities {prob.shape} and ground truth {gt.shape} differ in size")
+        t = len(self.thresholds)
+        # k = number of thresholds strictly below p: the pixel is foreground at threshold j iff j < k
+        # compared in float32, as ``probabilities > threshold`` on a float32 tensor compares
+        k = np.searchsorted(self.thresholds.astype(np.float32), prob.astype(np.float32).ravel(), side="left")
+        on_gt = np.bincount(k[gt.ravel()], minlength=t + 1)
+        everywhere = np.bincount(k, minlength=t + 1)
+        # pixels above threshold j = Σ_{k > j} counts: reverse cumulative sum without the k = 0 bin
+        intersection = np.cumsum(on_gt[::-1])[::-1][1:].astype(np.float64)
+        predicted = np.cumsum(everywhere[::-1])[::-1][1:].astype(np.float64)
+        union = predicted + np.count_nonzero(gt) - intersection
+        iou = np.divide(intersection, union, out=np.zeros(t), where=intersection > 0)
+        self._state["count"] += 1
+        self._state["iou_sum"] += iou
+        return iou
+
+    def compute(self) -> dict[str, float]:
+        count = float(self._state["count"][0])
+        means = self._state["iou_sum"] / count if count else np.full(len(self.thresholds), math.nan)
+        out = {f"calibration/mean_iou@{t:g}": float(m) for t, m in zip(self.thresholds, means)}
+        best = int(np.argmax(means)) if count else int(np.argmin(np.abs(self.thresholds - 0.5)))
+        out["calibration/threshold"] = float(self.thresholds[best])
+        out["calibration/mean_iou"] = float(means[best])
+        return out
+
+
 class BoundaryFScore(Metric):
     """DAVIS-style boundary F-score (Perazzi et al., CVPR 2016; ``f_boundary.py`` of davis-2017), averaged
     over tasks: ``boundary/f``, ``boundary/precision``, ``boundary/recall`` are means of the per-task values.
@@ -572,11 +630,17 @@ class EvalMetrics(Metric):
         self.official = PhraseCutMetrics()
         self.clipseg = ClipSegMetrics(report_threshold=clipseg_threshold)
         self.boundary = BoundaryFScore(boundary_tolerance_px, boundary_tolerance_diag)
+        self.calibration = ThresholdSweep()
         super().__init__()
 
     @property
     def parts(self) -> dict[str, Metric]:
-        return {"official": self.official, "clipseg": self.clipseg, "boundary": self.boundary}
+        return {
+            "official": self.official,
+            "clipseg": self.clipseg,
+            "boundary": self.boundary,
+            "calibration": self.calibration,
+        }
 
     def _empty_state(self) -> dict[str, np.ndarray]:
         return {}
@@ -627,12 +691,16 @@ class EvalMetrics(Metric):
         negative: bool | None = None,
         prob: torch.Tensor | np.ndarray | None = None,
         prob_gt: torch.Tensor | np.ndarray | None = None,
+        prob_full: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """One task: binary ``pred``/``gt`` (H×W, original size) and optionally ``prob``/``prob_gt`` (352²)."""
+        """One task: binary ``pred``/``gt`` (H×W, original size), optionally ``prob``/``prob_gt`` (352²) for the
+        CLIPSeg protocol and ``prob_full`` (H×W probabilities ``pred`` was thresholded from) for the sweep."""
         self.official.update(
             pred, gt, phrase_type=phrase_type, num_instances=num_instances, negative=negative
         )
         self.boundary.update(pred, gt)
+        if prob_full is not None and not negative:
+            self.calibration.update(prob_full, gt)
         if prob is not None:
             if prob_gt is None:
                 raise ValueError("prob needs prob_gt (the ground truth at the probability map's resolution)")

@@ -54,21 +54,26 @@ class SegVLM(nn.Module):
             image_index: B int64, phrase b's image is ``pixel_values[image_index[b]]``, so an image with
                 several phrases is encoded once; None pairs phrase b with image b (N = B).
             return_aux: also return the decoder's auxiliary tensors (``SegDecoder.forward``), e.g. what the
-                region–phrase loss reads.
+                region–phrase loss reads, and with the decoder's word head ``vocabulary``: the text tower's
+                V×text_width token embeddings, what the region–word loss scores regions against.
 
         Returns:
             B×1×H×W logits (apply a sigmoid for probabilities), or ``(logits, aux)``.
         """
         feats = self.backbone(pixel_values, input_ids, attention_mask, image_index=image_index)
-        return self.decoder(
+        out = self.decoder(
             feats.activations,
             feats.text_embedding,
             feats.text_tokens,
             feats.text_mask,
             image_size=(pixel_values.shape[-2], pixel_values.shape[-1]),
             stem_features=feats.stem_features,
+            image_index=feats.image_index,
             return_aux=return_aux,
         )
+        if return_aux and self.decoder.word_head is not None:
+            out[1]["vocabulary"] = self.backbone.token_embedding
+        return out
 
     def num_parameters(self) -> dict:
         """Total and trainable parameter counts, overall and per module.

@@ -12,12 +12,15 @@ Pure PIL/numpy/torch. Conventions:
   the same map ``x_out = (x - x0) * S / (x1 - x0)`` and stay aligned without resampling a mask.
 
 CLIPSeg's training augmentation (SPEC 4) is a random *square* crop that keeps at least 5% of the object,
-then a resize to S×S; no flips (a flip would silently break phrases like "the cup on the left").
+then a resize to S×S, and no flips: a plain flip would silently break phrases like "the cup on the left".
+The optional horizontal flip here mirrors the phrase with the pixels (``mirror_phrase``: left ↔ right), which
+keeps the pair consistent.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -36,6 +39,7 @@ __all__ = [
     "decode_image",
     "eval_target_mask",
     "eval_transform",
+    "mirror_phrase",
     "normalize_uint8",
     "normalize_uint8_batch",
     "object_fraction",
@@ -278,6 +282,24 @@ def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- targets
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)", re.IGNORECASE)
+
+
+def mirror_phrase(phrase: str) -> str:
+    """The phrase that refers to the same region of the horizontally flipped image: every word starting
+    with ``left`` / ``right`` gets the other one ("the cup left of the bowl" → "the cup right of the bowl",
+    "leftmost" → "rightmost"), in the case it was written in ("Left" → "Right", "LEFT" → "RIGHT")."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return _LEFT_RIGHT.sub(swap, phrase)
 
 
 def target_mask_array(polygons: Polygons, box: Box, size: int) -> np.ndarray:

@@ -5,6 +5,7 @@ Slow (about 1.5 minutes on 2 cores): every rung is a real Ray Train run nested u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -30,9 +31,11 @@ def test_ladder_pure_helpers():
         "+se",
         "+xattn+projector",
         "+text_kernel",
+        "+words",  # the demo config trains with the region–word loss
     ]
+    assert [r.name for r in ladder(dataclasses.replace(base.loss, words=0.0))] == [r.name for r in rungs[:-1]]
     assert select_rungs(rungs, "raf,bce") == [0, 1]
-    assert select_rungs(rungs, None) == list(range(7))
+    assert select_rungs(rungs, None) == list(range(8))
     with pytest.raises(SystemExit):
         select_rungs(rungs, "bce,+nope")
 
@@ -43,13 +46,14 @@ def test_ladder_pure_helpers():
     assert (bce.loss.bce, bce.loss.focal, bce.loss.dice) == (1.0, 0.0, 0.0)
     assert not any(
         getattr(bce.model.decoder, s)
-        for s in ("deformable", "residual", "se", "cross_attention", "text_kernel")
+        for s in ("deformable", "residual", "se", "cross_attention", "text_kernel", "word_head")
     )
+    assert bce.loss.words == 0.0 and bce.loss.region == 0.0
     assert (raf.loss.bce, raf.loss.focal, raf.loss.dice) == (1.0, 2.0, 1.0)
     assert raf.model.decoder == bce.model.decoder
     assert all(
         getattr(full.model.decoder, s)
-        for s in ("deformable", "residual", "se", "cross_attention", "projector", "text_kernel")
+        for s in ("deformable", "residual", "se", "cross_attention", "projector", "text_kernel", "word_head")
     )
     assert full.model.decoder == base.model.decoder and full.loss == base.loss
 

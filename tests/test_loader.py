@@ -25,6 +25,7 @@ from segvlm.transforms import (
     crop_resize,
     decode_image,
     eval_transform,
+    mirror_phrase,
     object_fraction,
     random_object_crop,
     target_mask,
@@ -46,11 +47,21 @@ def fake_tokenize(phrases: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+SIDES = {"triangle": " on the left", "rectangle": " on the right"}  # where make_record draws them
+
+
 def make_record(
-    image_id: int, rng: np.random.Generator, *, width: int, height: int, negatives: bool
+    image_id: int,
+    rng: np.random.Generator,
+    *,
+    width: int,
+    height: int,
+    negatives: bool,
+    sides: bool = False,
 ) -> tuple:
     """An image with a red right triangle (legs left and bottom) on the left, a blue rectangle on the
-    right and a green diamond in the middle; one task per object, types cycling."""
+    right and a green diamond in the middle; one task per object, types cycling. ``sides``: the triangle's
+    and the rectangle's phrases say where they are (``SIDES``)."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     w, h = width, height
@@ -78,7 +89,7 @@ def make_record(
         tasks.append(
             Task(
                 task_id=f"{image_id}__{j}",
-                phrase=f"{colour} {name}",
+                phrase=f"{colour} {name}" + (SIDES.get(name, "") if sides else ""),
                 polygons=[[[[float(x), float(y)] for x, y in poly]]],
                 boxes=[],
                 phrase_structure={"name": name, "attributes": [colour], "type": kind},
@@ -111,6 +122,7 @@ def write_shards(
     negatives: bool = False,
     seed: int = 0,
     plant: bool = False,
+    sides: bool = False,
 ) -> dict[str, ImageRecord]:
     """Shards ``{split}-{i:06d}.tar`` with ``sizes[i]`` images each, plus ``sizes.json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +133,9 @@ def write_shards(
         path = folder / f"{split}-{i:06d}.tar"
         with wds.TarWriter(str(path)) as sink:
             for _ in range(n):
-                record, jpg = make_record(image_id, rng, width=width, height=height, negatives=negatives)
+                record, jpg = make_record(
+                    image_id, rng, width=width, height=height, negatives=negatives, sides=sides
+                )
                 sample = {"__key__": record.key, "jpg": jpg, "json": record.to_json()}
                 if plant:
                     sample["pickle"] = b"not a pickle at all"  # decoding it would raise
@@ -481,6 +495,79 @@ def test_train_phrases_per_image_share_one_crop(tmp_path: Path) -> None:
         make_train_loader(tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, phrases_per_image=0)
 
 
+def test_train_hflip_mirrors_pixels_masks_and_phrases_together(tmp_path: Path) -> None:
+    """``hflip``: a flipped crop's pixels, every mask on it and every phrase of it are mirrored together
+    (left <-> right in the phrase), phrases sharing a crop share the flip, and the rate holds."""
+    records = write_shards(tmp_path, [8, 8], width=96, height=72, sides=True)
+    expected = all_tasks(records)
+    stream, _ = make_train_loader(
+        tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, negative_rate=0.0,
+        steps_per_epoch=24, phrases_per_image=2, hflip=0.5, seed=3, crop_scale=(1.0, 1.0),
+        return_dataset=True,
+    )  # fmt: skip
+    flips = []
+    for batch in stream:
+        index = batch["image_index"]
+        for slot in range(batch["pixel_values"].shape[0]):
+            members = (index == slot).nonzero().flatten().tolist()
+            flipped = {bool(batch["flipped"][i]) for i in members}
+            assert len(flipped) == 1  # one crop, one flip
+            flips.append(flipped.pop())
+            rgb = unnormalize(batch["pixel_values"][slot])
+            for i in members:
+                task = expected[batch["task_id"][i]][1]
+                box = [int(v) for v in batch["crop_box"][i]]
+                target = target_mask_array(task.polygons, box, 48)
+                mask = batch["masks"][i][0].numpy().astype(np.uint8)
+                if flips[-1]:
+                    np.testing.assert_array_equal(mask, target[:, ::-1])
+                    assert batch["phrase"][i] == mirror_phrase(task.phrase)
+                else:
+                    np.testing.assert_array_equal(mask, target)
+                    assert batch["phrase"][i] == task.phrase
+                if mask.sum() >= 20:  # the task's own colour lies under its (mirrored) mask
+                    painted = colour_mask(rgb, task.phrase.split()[0]).astype(bool)
+                    assert (painted & grow(mask > 0)).sum() >= 0.95 * painted.sum(), batch["phrase"][i]
+                name = task.phrase_structure["name"]
+                # what the region–word loss asks the target to be called: attributes and name, not sides
+                assert batch["target_words"][i] == f"{task.phrase_structure['attributes'][0]} {name}"
+                if name in SIDES and mask.sum() >= 40:  # the phrase still says where the target is
+                    cols = np.flatnonzero(mask.any(0))
+                    side = "left" if (cols[0] + cols[-1]) / 2 < 24 else "right"
+                    assert batch["phrase"][i].endswith(f"on the {side}"), (batch["phrase"][i], side)
+    assert 0.3 <= np.mean(flips) <= 0.7, np.mean(flips)
+    with pytest.raises(ValueError, match="hflip"):
+        make_train_loader(tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, hflip=1.5)
+
+
+def test_mirror_phrase_swaps_left_and_right_words_only() -> None:
+    assert mirror_phrase("the cup left of the bowl") == "the cup right of the bowl"
+    assert mirror_phrase("Right of the TV, LEFT of the door") == "Left of the TV, RIGHT of the door"
+    assert mirror_phrase("the leftmost chair") == "the rightmost chair"
+    assert mirror_phrase("a bright light on the upright pole") == "a bright light on the upright pole"
+    assert mirror_phrase("the circle above the square") == "the circle above the square"
+    for phrase in ("left of the red one and right of it", "Leftmost", "the rights"):
+        assert mirror_phrase(mirror_phrase(phrase)) == phrase
+
+
+def test_target_words_name_the_subject_in_the_singular() -> None:
+    from pipeline.loader import _target_words
+
+    def words(structure, kind="original"):
+        return _target_words(
+            Task(task_id="t", phrase="p", polygons=[[]], phrase_structure=structure, kind=kind)
+        )
+
+    assert (
+        words({"name": "crosses", "attributes": ["small", "Red"], "type": "attribute"}) == "small red cross"
+    )
+    assert words({"name": "baseball caps", "attributes": [], "relation_descriptions": [["on", "man"]]}) == (
+        "baseball cap"
+    )
+    assert words({"name": "glass", "attributes": ["empty"]}) == "empty glass"
+    assert words({"name": "star"}, kind="negative") == "" and words(None) == ""
+
+
 @pytest.mark.parametrize("shard_negatives", [False, True])
 def test_train_negative_rate(tmp_path: Path, shard_negatives: bool) -> None:
     records = write_shards(tmp_path, [10, 10], width=40, height=32, negatives=shard_negatives)
@@ -493,7 +580,7 @@ def test_train_negative_rate(tmp_path: Path, shard_negatives: bool) -> None:
     }
     for item in items:
         if item["kind"] == "negative":
-            assert item["masks"].sum() == 0
+            assert item["masks"].sum() == 0 and item["target_words"] == ""
             assert item["phrase"].split()[-1] not in names_by_key[item["key"]]
             if shard_negatives:
                 assert item["phrase"] == "purple star"

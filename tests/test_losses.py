@@ -226,3 +226,41 @@ def test_region_phrase_loss_hand_values() -> None:
     empty = region_phrase_loss(emb, phrases, torch.zeros_like(targets), image_index, scale, torch.tensor(0.0))
     assert float(empty.detach()) == 0.0
     empty.backward()
+
+
+def test_region_word_loss_hand_values() -> None:
+    """Four tasks on a 1×2 grid with a 3-word vocabulary; the left cell embeds to (1, 0), the right to (0, 1)."""
+    from segvlm.losses import region_word_loss
+
+    emb = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]).expand(4, 2, 1, 2)
+    vocabulary = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # V×C
+    left, right, both = [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]
+    targets = torch.tensor([left, both, right, [0.0, 0.0]]).view(4, 1, 1, 2)
+    # task 0 names word 0; task 1 words 1 and 2 (word 1 twice: counted once); task 2 no word (masked);
+    # task 3 has no target: neither counts
+    word_ids = torch.tensor([[0, 0, 0], [1, 2, 1], [2, 0, 0], [1, 0, 0]])
+    word_mask = torch.tensor([[1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]]).bool()
+    loss = region_word_loss(emb, vocabulary, targets, word_ids, word_mask)
+
+    def log_softmax(logits: list[float], k: int) -> float:
+        return logits[k] - math.log(sum(math.exp(v) for v in logits))
+
+    task0 = [2.0, 0.0, 1.0]  # region (1, 0)
+    task1 = [1.0, 0.5, 1.0]  # region (0.5, 0.5)
+    expected = (-log_softmax(task0, 0) - (log_softmax(task1, 1) + log_softmax(task1, 2)) / 2) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+    # nothing to name: zero, still differentiable
+    grad_emb = emb.clone().requires_grad_()
+    empty = region_word_loss(grad_emb, vocabulary, targets, word_ids, torch.zeros_like(word_mask))
+    assert float(empty.detach()) == 0.0
+    empty.backward()
+    assert grad_emb.grad is not None and not grad_emb.grad.any()
+
+
+def test_content_token_mask_drops_start_end_and_padding() -> None:
+    from segvlm.losses import content_token_mask
+
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    expected = [[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 0]]
+    assert content_token_mask(attention).int().tolist() == expected

@@ -13,10 +13,12 @@ from jobs.common import to_json
 from segvlm.masks import rasterize_polygons
 from segvlm.metrics import (
     CLIPSEG_THRESHOLDS,
+    SWEEP_THRESHOLDS,
     BoundaryFScore,
     ClipSegMetrics,
     EvalMetrics,
     PhraseCutMetrics,
+    ThresholdSweep,
     boundary_f_score,
     format_markdown_table,
     official_iou,
@@ -167,6 +169,69 @@ def test_merge_halves_equals_one_pass_and_vector_round_trip() -> None:
         and math.isnan(empty["boundary/f"])
         and empty["official/count"] == 0
     )
+
+
+# --------------------------------------------------------------------------------- threshold sweep
+def test_threshold_sweep_hand_case() -> None:
+    sweep = ThresholdSweep([0.3, 0.5, 0.7])
+    prob = np.array([[0.9, 0.6, 0.4], [0.2, 0.55, 0.8]], dtype=np.float32)
+    gt = np.array([[1, 1, 0], [0, 0, 0]], dtype=bool)
+    # > 0.3: 5 px predicted, I = 2, U = 5 → 0.4; > 0.5: 4 px, I = 2, U = 4 → 0.5; > 0.7: 2 px, I = 1, U = 3
+    np.testing.assert_allclose(sweep.update(prob, gt), [0.4, 0.5, 1 / 3], rtol=1e-12)
+    # a second task the model misses at every threshold: I = 0 → IoU 0 (the official rule)
+    np.testing.assert_array_equal(sweep.update(np.zeros((2, 2), np.float32), np.eye(2, dtype=bool)), 0.0)
+    out = sweep.compute()
+    assert out["calibration/mean_iou@0.3"] == pytest.approx(0.2)
+    assert out["calibration/mean_iou@0.5"] == pytest.approx(0.25)
+    assert out["calibration/mean_iou@0.7"] == pytest.approx(1 / 6)
+    assert out["calibration/threshold"] == 0.5 and out["calibration/mean_iou"] == pytest.approx(0.25)
+
+    tie = ThresholdSweep([0.4, 0.6])
+    tie.update(np.array([[0.9, 0.1]], np.float32), np.array([[1, 0]], bool))
+    assert tie.compute()["calibration/threshold"] == 0.4  # equal IoU: the lowest threshold
+
+    # compared as float32, like ``probabilities > t`` on a float32 tensor: float32(0.2) is not above 0.2
+    edge = ThresholdSweep([0.2])
+    prob = np.array([[0.2, 0.9]], np.float32)
+    torch_pred = (torch.from_numpy(prob) > 0.2).numpy()
+    assert torch_pred.tolist() == [[False, True]]
+    assert edge.update(prob, np.ones((1, 2), bool))[0] == 0.5
+
+    empty = ThresholdSweep().compute()
+    assert math.isnan(empty["calibration/mean_iou"]) and empty["calibration/threshold"] == 0.5
+    with pytest.raises(ValueError, match="increasing"):
+        ThresholdSweep([0.5, 0.3])
+    with pytest.raises(ValueError, match="differ in size"):
+        ThresholdSweep().update(np.zeros((2, 2)), np.zeros((2, 3), bool))
+
+
+def test_threshold_sweep_equals_the_official_mean_iou_at_each_threshold() -> None:
+    rng = np.random.default_rng(3)
+    probs = rng.random((12, 9, 11)).astype(np.float32)
+    gts = rng.random((12, 9, 11)) > 0.7
+    metrics = EvalMetrics()
+    for prob, gt in zip(probs, gts):
+        metrics.update(prob > 0.5, gt, phrase_type="name", num_instances=1, prob_full=prob)
+    # a negative (empty target) is scored apart, as by the official metrics: not in the sweep either
+    metrics.update(
+        probs[0] > 0.5,
+        np.zeros((9, 11), bool),
+        phrase_type=None,
+        num_instances=0,
+        negative=True,
+        prob_full=probs[0],
+    )
+    out = metrics.compute()
+    assert out["official/mean_iou"] == pytest.approx(out["calibration/mean_iou@0.5"], rel=1e-12)
+    best = max(SWEEP_THRESHOLDS, key=lambda t: (out[f"calibration/mean_iou@{t:g}"], -t))
+    assert out["calibration/threshold"] == best
+    for t in SWEEP_THRESHOLDS:
+        official = PhraseCutMetrics()
+        for prob, gt in zip(probs, gts):
+            pred = (torch.from_numpy(prob) > t).numpy()
+            official.update(pred, gt, phrase_type="name", num_instances=1)
+        expected = official.compute()["official/mean_iou"]
+        assert out[f"calibration/mean_iou@{t:g}"] == pytest.approx(expected, rel=1e-12), t
 
 
 # ------------------------------------------------------------------------------------------- CLIPSeg

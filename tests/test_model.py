@@ -91,25 +91,34 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_shared_images_match_repeated_images():
-    """Phrases that share an image through ``image_index`` get the logits and gradients of the same
-    images repeated once per phrase; a mismatched index is refused."""
+    """Phrases that share an image through ``image_index`` get the logits, auxiliary maps and gradients of
+    the same images repeated once per phrase (the decoder runs its per-token image maps once per image and
+    gathers after); a mismatched index is refused."""
+    from segvlm.losses import region_word_loss
+
     torch.manual_seed(0)
-    model = build_model(model_config("segvlm_tiny")).train()
+    heads = ["decoder.region_head=true", "decoder.word_head=true"]
+    model = build_model(model_config("segvlm_tiny", heads)).train()
     perturb_zero_init(model)
     phrases = ["the red circle", "two green stars", "the square", "the blue shapes", "a star"]
     images = torch.randn(2, 3, 128, 128)
     index = torch.tensor([1, 0, 1, 1, 0])
     tokens = model.backbone.tokenize(phrases)
     target = torch.rand(5, 1, 128, 128).round()
-    grads = []
+    word_ids = tokens["input_ids"][:, 1:3]
+    grads, outputs = [], []
     for kwargs in ({"pixel_values": images, "image_index": index}, {"pixel_values": images[index]}):
         model.zero_grad()
-        logits = model(**kwargs, **tokens)
-        F.binary_cross_entropy_with_logits(logits, target).backward()
+        logits, aux = model(**kwargs, **tokens, return_aux=True)
+        words = region_word_loss(
+            aux["word_embedding"], aux["vocabulary"], target, word_ids, torch.ones_like(word_ids).bool()
+        )
+        (F.binary_cross_entropy_with_logits(logits, target) + words).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        if "image_index" in kwargs:
-            shared = logits.detach()
-    torch.testing.assert_close(shared, logits.detach(), rtol=1e-4, atol=1e-5)
+        outputs.append({"logits": logits.detach(), **{k: v.detach() for k, v in aux.items()}})
+    assert {"word_embedding", "region_embedding", "vocabulary"} <= outputs[0].keys()
+    for key in outputs[0]:
+        torch.testing.assert_close(outputs[0][key], outputs[1][key], rtol=1e-4, atol=1e-5, msg=key)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6, msg=name)
@@ -246,6 +255,29 @@ def test_region_head_only_with_its_loss():
             model=_with(experiment.model, region_head=head),
         )
         with pytest.raises(ConfigError, match="region"):
+            validate(bad)
+
+
+def test_word_head_only_with_its_loss_and_scored_against_the_text_vocabulary():
+    from segvlm.config import ExperimentConfig, validate
+
+    params, _ = _decoder_names(_with(clipseg_like(), word_head=True))
+    assert params - _decoder_names(clipseg_like())[0] == {"word_head.proj.weight", "word_head.proj.bias"}
+    torch.manual_seed(0)
+    model = build_model(model_config("segvlm_tiny", ["decoder.word_head=true"]))
+    _, aux = model(**batch(model, ["the red circle", "two stars"]), return_aux=True)
+    vocabulary = model.backbone.clip.text_model.embeddings.token_embedding.weight
+    assert aux["word_embedding"].shape == (2, 128, 8, 8) and aux["vocabulary"] is vocabulary
+    plain = build_model(model_config("segvlm_tiny"))
+    assert "vocabulary" not in plain(**batch(plain, ["a star"]), return_aux=True)[1]
+    experiment = ExperimentConfig()
+    for words, head in ((0.3, False), (0.0, True)):
+        bad = dataclasses.replace(
+            experiment,
+            loss=dataclasses.replace(experiment.loss, words=words),
+            model=_with(experiment.model, word_head=head),
+        )
+        with pytest.raises(ConfigError, match="word"):
             validate(bad)
 
 

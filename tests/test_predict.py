@@ -9,7 +9,13 @@ from PIL import Image
 
 from jobs import predict as cli
 from segvlm.checkpoint import save_checkpoint
-from segvlm.inference import Predictor, overlay, probabilities_to_size
+from segvlm.inference import (
+    DEFAULT_THRESHOLD,
+    Predictor,
+    checkpoint_threshold,
+    overlay,
+    probabilities_to_size,
+)
 from segvlm.registry import build_model, model_config
 
 WIDTH, HEIGHT = 97, 61  # non-square, not a multiple of anything the model uses
@@ -120,6 +126,42 @@ def test_threshold_is_monotone(predictor, image_file, median_threshold):
     lo, mid, hi = (probs > t for t in (median_threshold - 0.05, median_threshold, median_threshold + 0.05))
     assert lo.sum() >= mid.sum() >= hi.sum() and lo.sum() > hi.sum()
     assert not (hi & ~mid).any() and not (mid & ~lo).any()  # nested: raising t only removes pixels
+
+
+def test_the_checkpoint_threshold_is_the_default_and_flags_override_it(
+    predictor, image_file, median_threshold, tmp_path
+):
+    """A checkpoint stores the threshold chosen on validation (meta.json extra.threshold); ``segvlm predict``
+    and the MLflow pyfunc predict with it unless given another."""
+    from jobs.pyfunc_model import SegVLMPyFunc
+
+    assert predictor.threshold == DEFAULT_THRESHOLD  # the fixture's checkpoint stores none
+    cfg = model_config("segvlm_tiny", [f"backbone.image_size={SIZE}"])
+    torch.manual_seed(0)  # the fixture's weights
+    calibrated = save_checkpoint(
+        build_model(cfg), cfg, tmp_path / "calibrated", extra={"threshold": median_threshold}
+    )
+    assert Predictor.from_checkpoint(calibrated).threshold == median_threshold
+    probs, _ = predictor.predict(Image.open(image_file).convert("RGB"), PHRASE)
+
+    def written_mask() -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / "mask.png")) > 0
+
+    assert _run(calibrated, image_file, tmp_path) == 0
+    np.testing.assert_array_equal(written_mask(), probs > median_threshold)
+    assert 0 < written_mask().sum() < written_mask().size  # a threshold other than 0.5 was applied
+    assert _run(calibrated, image_file, tmp_path, "--threshold", "0.5") == 0
+    np.testing.assert_array_equal(written_mask(), probs > 0.5)
+
+    model = SegVLMPyFunc()
+    model.load_context(type("Context", (), {"artifacts": {"checkpoint": str(calibrated)}})())
+    rows = [{"image_path": str(image_file), "phrase": PHRASE}]
+    np.testing.assert_array_equal(np.asarray(model.predict(None, rows)[0]["mask"]), probs > median_threshold)
+    overridden = model.predict(None, rows, params={"threshold": 0.5})[0]
+    np.testing.assert_array_equal(np.asarray(overridden["mask"]), probs > 0.5)
+
+    with pytest.raises(ValueError, match=r"extra\.threshold"):
+        checkpoint_threshold({"extra": {"threshold": 1.5}})
 
 
 def test_overlay_function_draws_mask_and_caption():

@@ -14,6 +14,7 @@ from pipeline import manifest as mf
 from pipeline import shards
 from pipeline.phrasecut import iter_records
 from pipeline.prepare import PrepareConfig, run_prepare
+from pipeline.prompts import DEFAULT_RATES
 from pipeline.quarantine import read_quarantine
 from segvlm.masks import rasterize_polygons
 from tests.fixtures_phrasecut import make_phrasecut_fixture
@@ -198,3 +199,10 @@ def test_synthetic_prompts_are_seeded_and_indexed(ray_local, scenes_root, tmp_pa
     other_seed = str(tmp_path / "c")
     run_prepare(PrepareConfig(out=other_seed, **{**base, "seed": 4}), log=lambda _: None)
     assert mf.manifest_hash(other_seed) != mf.manifest_hash(a)
+
+    # synthetic prompts without rates: the CLI's defaults (a library caller, such as the demo, got none)
+    defaults = {k: v for k, v in base.items() if k != "prompt_rates"}
+    config = PrepareConfig(out=str(tmp_path / "d"), **defaults)
+    assert config.prompt_rates == DEFAULT_RATES
+    kinds = run_prepare(config, log=lambda _: None)["tasks_per_kind"]
+    assert kinds.get("template", 0) > 0.8 * kinds["original"] and kinds.get("negative", 0) > 0, kinds

@@ -148,9 +148,17 @@ def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_ru
     # the best checkpoint loads and predicts
     from PIL import Image
 
+    from segvlm.checkpoint import read_meta
     from segvlm.inference import Predictor
+    from segvlm.metrics import SWEEP_THRESHOLDS
 
     predictor = Predictor.from_checkpoint(out["best_checkpoint"])
+    # it predicts with the threshold its validation chose (logged as val/calibration/threshold at its step)
+    best_step = read_meta(out["best_checkpoint"])["extra"]["step"]
+    chosen = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/calibration/threshold")
+    }
+    assert predictor.threshold == chosen[best_step] and predictor.threshold in SWEEP_THRESHOLDS
     image = Image.new("RGB", (90, 70), "gray")
     probabilities, _ = predictor.predict(image, "the red circle")
     assert probabilities.shape == (70, 90)
@@ -170,7 +178,8 @@ def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_
     cfg = experiment(root, clip, tmp_path).model
     torch.manual_seed(0)
     model = build_model(cfg)
-    save_checkpoint(model, cfg, tmp_path / "ckpt")
+    # a threshold chosen on validation, stored in the checkpoint, is what eval predicts with
+    save_checkpoint(model, cfg, tmp_path / "ckpt", extra={"threshold": 0.35})
 
     report = run_eval(
         str(tmp_path / "ckpt"),
@@ -182,12 +191,15 @@ def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_
         batch_size=5,
     )
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
+    assert report["threshold"] == 0.35
+    # the sweep scores the same probabilities: at the threshold used it is the official mean IoU
+    assert report["calibration/mean_iou@0.35"] == pytest.approx(report["official/mean_iou"], rel=1e-12)
 
     model, _, _ = load_checkpoint(tmp_path / "ckpt")
     loader = make_eval_loader(
         root / "test", split="test", batch_size=3, image_size=IMAGE_SIZE, tokenizer=model.backbone.tokenize
     )
-    single = evaluate(model, loader).metrics.compute()
+    single = evaluate(model, loader, threshold=0.35).metrics.compute()
     for key, value in single.items():
         if isinstance(value, float) and np.isnan(value):
             assert report[key] is None, key  # undefined (an empty subset): null in strict JSON

@@ -9,6 +9,7 @@ from segvlm.layers.projector import TextImageProjector
 from segvlm.layers.refinement import LayerScale2d, ResidualRefinementBlock
 from segvlm.layers.region_head import RegionPhraseHead
 from segvlm.layers.squeeze_excite import SqueezeExcite
+from segvlm.layers.word_head import RegionWordHead
 
 __all__ = [
     "FiLM",
@@ -18,6 +19,7 @@ __all__ = [
     "LayerScale2d",
     "QuickGELU",
     "RegionPhraseHead",
+    "RegionWordHead",
     "ResidualRefinementBlock",
     "SqueezeExcite",
     "TextImageProjector",
