@@ -33,6 +33,9 @@ def test_demo_writes_a_strict_json_summary_with_metrics_floor_and_a_registered_m
     assert summary["train"]["steps"] == 6
     assert set(summary["timings_s"]) == {"scenes", "prepare", "train", "eval", "total"}
     assert not (workdir / "summary.json.tmp").exists()
+    # the train shards hold the synthetic prompts the demo asks for: negatives, and no templates
+    kinds = json.loads((workdir / "shards" / "train" / "summary.json").read_text())["tasks_per_kind"]
+    assert kinds.get("negative", 0) > 0 and "template" not in kinds, kinds
 
     # the floor printed next to the metrics is the scenes' own: marking every shape of the test images
     test_tasks = json.loads((workdir / "scenes" / "refer_test.json").read_text())
