@@ -20,7 +20,7 @@ then evaluated (``jobs.eval.run_eval``) on the validation shards (``--eval-split
 ``+xattn+projector`` decoder.cross_attention=true decoder.projector=true (the paper's SegVLM)
 ``+text_kernel``    decoder.text_kernel=true
 ``+words``          decoder.word_head=true loss.words=<the config's> (only when the config uses the
-                    region–word loss; the demo's model)
+                    word losses; the demo's model)
 ==================  =====================================================================================
 
 The parent run gets ``ablation.md`` (the comparison table), ``ablation.json`` and ``ablation.png`` (official mean
@@ -56,7 +56,7 @@ class Rung:
 
 def ladder(loss: Any) -> list[Rung]:
     """The rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf`` and, when it
-    uses the region–word loss, its weight in an eighth rung ``+words``."""
+    uses the word losses, their weight in an eighth rung ``+words``."""
     rungs = [
         Rung(
             "bce",
@@ -100,7 +100,7 @@ def ladder(loss: Any) -> list[Rung]:
             Rung(
                 "+words",
                 "words",
-                "region–word loss: each target names its words",
+                "word losses: the target region and the phrase name the subject's words",
                 ("model.decoder.word_head=true", f"loss.words={loss.words!r}"),
             )
         )

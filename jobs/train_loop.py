@@ -32,7 +32,13 @@ from pipeline.progress import Progress
 from segvlm.checkpoint import load_weights, save_checkpoint
 from segvlm.config import ExperimentConfig, OptimConfig, flatten, from_dict, to_yaml
 from segvlm.inference import DEFAULT_THRESHOLD
-from segvlm.losses import RAFLoss, content_token_mask, region_phrase_loss, region_word_loss
+from segvlm.losses import (
+    RAFLoss,
+    content_token_mask,
+    region_phrase_loss,
+    region_word_loss,
+    word_prediction_loss,
+)
 from segvlm.registry import build_model
 
 TRAIN_STATE = "train_state.pt"
@@ -280,14 +286,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     terms["loss"] = terms["loss"] + cfg.loss.region * terms["region"]
                 if cfg.loss.words > 0:
                     words = tokenize(batch["target_words"])
-                    terms["words"] = region_word_loss(
-                        aux["word_embedding"],
-                        aux["vocabulary"],
-                        masks,
-                        words["input_ids"].to(device),
-                        content_token_mask(words["attention_mask"]).to(device),
+                    word_ids = words["input_ids"].to(device)
+                    word_mask = content_token_mask(words["attention_mask"]).to(device)
+                    terms["words_region"] = region_word_loss(
+                        aux["word_embedding"], aux["vocabulary"], masks, word_ids, word_mask
                     )
-                    terms["loss"] = terms["loss"] + cfg.loss.words * terms["words"]
+                    terms["words_phrase"] = word_prediction_loss(
+                        aux["phrase_word_embedding"], aux["vocabulary"], word_ids, word_mask
+                    )
+                    terms["loss"] = terms["loss"] + cfg.loss.words * (
+                        terms["words_region"] + terms["words_phrase"]
+                    )
                 (terms["loss"] / accum).backward()
             for name, value in terms.items():
                 window[name] += float(value.detach()) / accum

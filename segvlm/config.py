@@ -81,8 +81,8 @@ class DecoderConfig:
     text_kernel: bool = False
     # dense embeddings of the deepest visual tokens for the region–phrase loss (loss.region); training only
     region_head: bool = False
-    # dense embeddings of the deepest visual tokens in the token-embedding space of the text tower, for the
-    # region–word loss (loss.words); training only
+    # the deepest visual tokens and the pooled phrase mapped into the token-embedding space of the text
+    # tower, for the word losses (loss.words); training only
     word_head: bool = False
     deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"
 
@@ -134,8 +134,9 @@ class LossConfig:
     # weight of the region–phrase alignment term (segvlm.losses.region_phrase_loss; needs
     # model.decoder.region_head); not part of RAF, logged as its own term
     region: float = 0.0
-    # weight of the region–word term (segvlm.losses.region_word_loss; needs model.decoder.word_head): each
-    # target region names the words of its phrase's name and attributes; logged as its own term
+    # weight of the two word terms (needs model.decoder.word_head): the target region (region_word_loss)
+    # and the phrase (word_prediction_loss) each name the words of the phrase's subject, its attributes and
+    # name, among the text tower's token embeddings; logged as words_region and words_phrase
     words: float = 0.0
 
     def validate(self) -> None:
@@ -461,7 +462,7 @@ class ExperimentConfig:
         # a region head without its loss would hold parameters no gradient reaches (DDP refuses those)
         for loss, head, what in (
             ("region", "region_head", "region–phrase"),
-            ("words", "word_head", "region–word"),
+            ("words", "word_head", "word"),
         ):
             weight, on = getattr(self.loss, loss), getattr(self.model.decoder, head)
             if (weight > 0) != on:

@@ -29,9 +29,9 @@ from segvlm.config import DecoderConfig
 from segvlm.layers import (
     GatedCrossAttention,
     RegionPhraseHead,
-    RegionWordHead,
     ResidualRefinementBlock,
     TextImageProjector,
+    WordHead,
     film,
     get_act_layer,
     get_norm_layer,
@@ -113,7 +113,7 @@ class SegDecoder(nn.Module):
         ``stem_proj``; text_kernel → ``text_kernel`` in place of ``transposed_convolution.4`` (the one
         switch that removes a CLIPSeg parameter: the last ConvT); region_head → ``region_head`` (read by
         the region–phrase loss only, through ``return_aux``); word_head → ``word_head`` (read by the
-        region–word loss only, likewise).
+        word losses only, likewise).
     """
 
     def __init__(
@@ -197,7 +197,9 @@ class SegDecoder(nn.Module):
         self.region_head = (
             RegionPhraseHead(vision_width, embed_dim=projection_dim) if cfg.region_head else None
         )
-        self.word_head = RegionWordHead(vision_width, word_dim=text_width) if cfg.word_head else None
+        self.word_head = (
+            WordHead(vision_width, phrase_dim=projection_dim, word_dim=text_width) if cfg.word_head else None
+        )
         # phrase → kernel (D/2) and bias (1) of the head's last layer
         self.text_kernel = (
             nn.Linear(d if cfg.projector else projection_dim, d // 2 + 1) if cfg.text_kernel else None
@@ -239,7 +241,8 @@ class SegDecoder(nn.Module):
                 deformable conv, ``similarity`` (B×1×h×w) of the projector, and with the region head
                 ``region_embedding`` (B×P×h×w, deepest tokens), ``phrase_embedding`` (B×P, ``cond``),
                 ``region_logit_scale`` and ``region_logit_bias`` (scalars), and with the word head
-                ``word_embedding`` (B×text_width×h×w, deepest tokens), when those are on.
+                ``word_embedding`` (B×text_width×h×w, deepest tokens) and ``phrase_word_embedding``
+                (B×text_width, from ``cond``), when those are on.
 
         Returns:
             logits B×1×H×W, or ``(logits, aux)``.
@@ -279,7 +282,8 @@ class SegDecoder(nn.Module):
             aux["region_logit_scale"] = self.region_head.logit_scale
             aux["region_logit_bias"] = self.region_head.logit_bias
         if return_aux and self.word_head is not None:
-            aux["word_embedding"] = per_phrase(self.word_head(activations[-1], (h, w)))
+            aux["word_embedding"] = per_phrase(self.word_head.region_map(activations[-1], (h, w)))
+            aux["phrase_word_embedding"] = self.word_head.phrase_embedding(cond)
 
         a = None
         for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], self.layers, self.reduces)):

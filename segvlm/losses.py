@@ -27,6 +27,7 @@ __all__ = [
     "region_phrase_loss",
     "region_word_loss",
     "sigmoid_focal_loss",
+    "word_prediction_loss",
 ]
 
 
@@ -221,6 +222,36 @@ def content_token_mask(attention_mask: Tensor) -> Tensor:
     return real & (positions > 0) & (positions < last)
 
 
+def word_prediction_loss(
+    embedding: Tensor,
+    vocabulary: Tensor,
+    word_ids: Tensor,
+    word_mask: Tensor,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy of embeddings against the words that name their targets.
+
+    Args:
+        embedding: B×C, one embedding per task (a pooled region, or the phrase).
+        vocabulary: V×C token embeddings of the text tower (the classifier's weights, shared with it).
+        word_ids: B×L token ids of the words naming task b's target; word_mask: B×L, True where
+            ``word_ids`` holds one (``content_token_mask`` of the tokenized words).
+        valid: B bool, tasks to count (default: all).
+
+    Task b's logits are ``vocabulary @ embedding_b`` (V) and its label is the uniform distribution over its
+    distinct word ids. Returns the mean over valid tasks with at least one word of
+    ``−Σ_v label_v · log softmax(logits)_v``; 0 (in the graph) when there is none. Float32 under autocast.
+    """
+    with torch.autocast(device_type=embedding.device.type, enabled=False):
+        logits = embedding.float() @ vocabulary.float().T  # B×V
+        counts = torch.zeros_like(logits).scatter_add_(1, word_ids.clamp_min(0), word_mask.float())
+        label = (counts > 0).float()  # a word named twice counts once
+        words = label.sum(1)
+        counted = words > 0 if valid is None else valid & (words > 0)
+        per_task = -(label * logits.log_softmax(dim=1)).sum(1) / words.clamp_min(1)
+        return (per_task * counted).sum() / counted.sum().clamp_min(1)
+
+
 def region_word_loss(
     word_embedding: Tensor,
     vocabulary: Tensor,
@@ -228,19 +259,15 @@ def region_word_loss(
     word_ids: Tensor,
     word_mask: Tensor,
 ) -> Tensor:
-    """Cross-entropy of each target region against the words that name it (name and attributes).
+    """:func:`word_prediction_loss` of each task's target region.
 
     Args:
-        word_embedding: B×C×h×w dense embeddings (``RegionWordHead``), one map per task.
-        vocabulary: V×C token embeddings of the text tower (the classifier's weights, shared with it).
+        word_embedding: B×C×h×w dense embeddings (``WordHead.region_map``), one map per task.
+        vocabulary, word_ids, word_mask: as in :func:`word_prediction_loss`.
         targets: B×1×H×W (or B×H×W) target masks in {0, 1}.
-        word_ids: B×L token ids of the words naming task b's target; word_mask: B×L, True where
-            ``word_ids`` holds one (``content_token_mask`` of the tokenized words).
 
-    Task b's region ``r_b`` is the mean of its map weighted by its target averaged down to h×w, its logits
-    are ``vocabulary @ r_b`` (V) and its label is the uniform distribution over its distinct word ids.
-    Returns the mean over tasks with a non-empty target and at least one word of
-    ``−Σ_v label_v · log softmax(logits)_v``; 0 (in the graph) when there is none. Float32 under autocast.
+    Task b's region is the mean of its map weighted by its target averaged down to h×w; tasks with an empty
+    target (negatives) are left out.
     """
     b, _, h, w = word_embedding.shape
     with torch.autocast(device_type=word_embedding.device.type, enabled=False):
@@ -248,13 +275,7 @@ def region_word_loss(
         area = weight.sum(1)  # B
         region = torch.einsum("bcn,bn->bc", word_embedding.float().flatten(2), weight)
         region = region / area.clamp_min(1e-12)[:, None]  # B×C
-        logits = region @ vocabulary.float().T  # B×V
-        counts = torch.zeros_like(logits).scatter_add_(1, word_ids.clamp_min(0), word_mask.float())
-        label = (counts > 0).float()  # a word named twice counts once
-        words = label.sum(1)
-        valid = (area > 0) & (words > 0)
-        per_task = -(label * logits.log_softmax(dim=1)).sum(1) / words.clamp_min(1)
-        return (per_task * valid).sum() / valid.sum().clamp_min(1)
+    return word_prediction_loss(region, vocabulary, word_ids, word_mask, valid=area > 0)
 
 
 # CLIPSeg's baseline is BCE only; "raf" is the SegVLM default. Presets are plain LossConfigs.

@@ -258,6 +258,24 @@ def test_region_word_loss_hand_values() -> None:
     assert grad_emb.grad is not None and not grad_emb.grad.any()
 
 
+def test_word_prediction_loss_hand_values() -> None:
+    """Embeddings scored against a 2-word vocabulary; ``valid`` and word-less tasks are left out."""
+    from segvlm.losses import word_prediction_loss
+
+    embedding = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    vocabulary = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    word_ids = torch.tensor([[1, 0], [0, 1], [0, 0]])
+    word_mask = torch.tensor([[1, 0], [1, 1], [0, 0]]).bool()
+    ce0 = -(0.0 - math.log(math.exp(1.0) + 1.0))  # task 0: logits (1, 0), its word 1
+    ce1 = -((0.0 + 2.0) / 2 - math.log(1.0 + math.exp(2.0)))  # task 1: logits (0, 2), words 0 and 1
+    loss = word_prediction_loss(embedding, vocabulary, word_ids, word_mask)
+    assert float(loss) == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    only_first = word_prediction_loss(
+        embedding, vocabulary, word_ids, word_mask, valid=torch.tensor([True, False, True])
+    )
+    assert float(only_first) == pytest.approx(ce0, rel=1e-6)
+
+
 def test_content_token_mask_drops_start_end_and_padding() -> None:
     from segvlm.losses import content_token_mask
 

@@ -94,7 +94,7 @@ def test_shared_images_match_repeated_images():
     """Phrases that share an image through ``image_index`` get the logits, auxiliary maps and gradients of
     the same images repeated once per phrase (the decoder runs its per-token image maps once per image and
     gathers after); a mismatched index is refused."""
-    from segvlm.losses import region_word_loss
+    from segvlm.losses import region_word_loss, word_prediction_loss
 
     torch.manual_seed(0)
     heads = ["decoder.region_head=true", "decoder.word_head=true"]
@@ -110,8 +110,10 @@ def test_shared_images_match_repeated_images():
     for kwargs in ({"pixel_values": images, "image_index": index}, {"pixel_values": images[index]}):
         model.zero_grad()
         logits, aux = model(**kwargs, **tokens, return_aux=True)
-        words = region_word_loss(
-            aux["word_embedding"], aux["vocabulary"], target, word_ids, torch.ones_like(word_ids).bool()
+        all_words = torch.ones_like(word_ids).bool()
+        words = region_word_loss(aux["word_embedding"], aux["vocabulary"], target, word_ids, all_words)
+        words = words + word_prediction_loss(
+            aux["phrase_word_embedding"], aux["vocabulary"], word_ids, all_words
         )
         (F.binary_cross_entropy_with_logits(logits, target) + words).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -258,16 +260,19 @@ def test_region_head_only_with_its_loss():
             validate(bad)
 
 
-def test_word_head_only_with_its_loss_and_scored_against_the_text_vocabulary():
+def test_word_head_only_with_its_losses_and_scored_against_the_text_vocabulary():
     from segvlm.config import ExperimentConfig, validate
 
     params, _ = _decoder_names(_with(clipseg_like(), word_head=True))
-    assert params - _decoder_names(clipseg_like())[0] == {"word_head.proj.weight", "word_head.proj.bias"}
+    assert params - _decoder_names(clipseg_like())[0] == {
+        "word_head.region.weight", "word_head.region.bias", "word_head.phrase.weight", "word_head.phrase.bias",
+    }  # fmt: skip
     torch.manual_seed(0)
     model = build_model(model_config("segvlm_tiny", ["decoder.word_head=true"]))
     _, aux = model(**batch(model, ["the red circle", "two stars"]), return_aux=True)
     vocabulary = model.backbone.clip.text_model.embeddings.token_embedding.weight
     assert aux["word_embedding"].shape == (2, 128, 8, 8) and aux["vocabulary"] is vocabulary
+    assert aux["phrase_word_embedding"].shape == (2, 128)
     plain = build_model(model_config("segvlm_tiny"))
     assert "vocabulary" not in plain(**batch(plain, ["a star"]), return_aux=True)[1]
     experiment = ExperimentConfig()

@@ -116,7 +116,8 @@ def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_ru
         "train/bce",
         "train/focal",
         "train/dice",
-        "train/words",  # the demo config's region–word term, logged on its own
+        "train/words_region",  # the demo config's word terms, each logged on its own
+        "train/words_phrase",
         "train/lr",
         "perf/samples_per_s",
         "perf/data_wait_share",

@@ -9,7 +9,7 @@ from segvlm.layers.projector import TextImageProjector
 from segvlm.layers.refinement import LayerScale2d, ResidualRefinementBlock
 from segvlm.layers.region_head import RegionPhraseHead
 from segvlm.layers.squeeze_excite import SqueezeExcite
-from segvlm.layers.word_head import RegionWordHead
+from segvlm.layers.word_head import WordHead
 
 __all__ = [
     "FiLM",
@@ -19,10 +19,10 @@ __all__ = [
     "LayerScale2d",
     "QuickGELU",
     "RegionPhraseHead",
-    "RegionWordHead",
     "ResidualRefinementBlock",
     "SqueezeExcite",
     "TextImageProjector",
+    "WordHead",
     "create_act",
     "create_norm",
     "deform_conv2d",

@@ -1,28 +1,34 @@
-"""Dense region embeddings in the text tower's token-embedding space, for the region–word loss
-(``segvlm.losses.region_word_loss``)."""
+"""Region and phrase embeddings in the text tower's token-embedding space, for the word losses
+(``segvlm.losses.region_word_loss``, ``segvlm.losses.word_prediction_loss``)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 
-class RegionWordHead(nn.Module):
-    """Visual tokens (B×(1+h·w)×Cv, CLS first) → B×Ct×h×w embeddings comparable with the text tower's token
-    embeddings (Ct wide).
+class WordHead(nn.Module):
+    """Two linear maps into the space of the text tower's token embeddings (Ct wide): one of the visual tokens
+    (B×(1+h·w)×Cv → B×Ct×h×w), one of the pooled phrase embedding (B×P → B×Ct).
 
-    A target region's embedding (the mask-weighted mean of this map; a linear map commutes with the mean)
-    is scored against every entry of the vocabulary, and the loss asks it to name the words of the target's
-    name and attributes ("red", "triangle"). That is the most direct supervision a phrase gives a
-    from-scratch vision tower about *what* the target is: trained on masks alone, it keeps "where the objects
-    are" and loses what tells them apart (shape kind, colour), and the phrase embeddings of different kinds
-    collapse together with it.
+    Both are scored against every entry of the vocabulary, and the word losses ask each to name the words of
+    the phrase's subject, its attributes and name ("red", "triangle"): the target region, pooled from the
+    dense map, and the phrase itself. That is the most direct supervision a phrase gives from-scratch towers
+    about *what* the target is. Trained on masks alone, the vision tower keeps "where the objects are" and
+    loses what tells them apart (shape kind, colour); the phrase embeddings of different kinds collapse
+    together with it, and in a phrase that names two objects ("the ellipse above the hexagon") nothing says
+    which one is the target.
     """
 
-    def __init__(self, vision_width: int, *, word_dim: int) -> None:
+    def __init__(self, vision_width: int, *, phrase_dim: int, word_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(vision_width, word_dim)
+        self.region = nn.Linear(vision_width, word_dim)
+        self.phrase = nn.Linear(phrase_dim, word_dim)
 
-    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    def region_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """tokens: B×(1+h·w)×Cv → B×Ct×h×w (CLS dropped, row-major grid)."""
         h, w = grid
-        return self.proj(tokens[:, 1:]).transpose(1, 2).unflatten(-1, (h, w))
+        return self.region(tokens[:, 1:]).transpose(1, 2).unflatten(-1, (h, w))
+
+    def phrase_embedding(self, phrase: Tensor) -> Tensor:
+        """phrase: B×P pooled phrase embedding → B×Ct."""
+        return self.phrase(phrase)
