@@ -168,7 +168,7 @@ def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[st
     phrase, task_id, phrase_type, kind, key: lists of length B (phrase as the model sees it: mirrored
                    when flipped)
     target_words   list of B strings: the attributes and name of the phrase's subject ("red triangle",
-                   from ``phrase_structure``), what the region–word loss asks the target to be called;
+                   from ``phrase_structure``), what the word losses ask the target to be called;
                    "" for negatives and tasks without a structure
     crop_box       B×4 int64, (x0, y0, x1, y1) in stored-image pixels
     flipped        B bool: the crop (pixels and mask) was mirrored left–right after cropping

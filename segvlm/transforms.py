@@ -284,13 +284,14 @@ def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- targets
 
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)", re.IGNORECASE)
+_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most|hand|side|ward|wards)?\b)", re.IGNORECASE)
 
 
 def mirror_phrase(phrase: str) -> str:
-    """The phrase that refers to the same region of the horizontally flipped image: every word starting
-    with ``left`` / ``right`` gets the other one ("the cup left of the bowl" → "the cup right of the bowl",
-    "leftmost" → "rightmost"), in the case it was written in ("Left" → "Right", "LEFT" → "RIGHT")."""
+    """The phrase that refers to the same region of the horizontally flipped image: ``left`` and ``right``
+    trade places, alone or in leftmost / left-hand / lefthand / leftside / leftward(s) ("the cup left of the
+    bowl" → "the cup right of the bowl"), in the case they were written in ("Left" → "Right", "LEFT" →
+    "RIGHT"); other words that merely start with them ("leftover", "rights") stay."""
 
     def swap(match: re.Match[str]) -> str:
         word = match.group(1)

@@ -544,9 +544,11 @@ def test_mirror_phrase_swaps_left_and_right_words_only() -> None:
     assert mirror_phrase("the cup left of the bowl") == "the cup right of the bowl"
     assert mirror_phrase("Right of the TV, LEFT of the door") == "Left of the TV, RIGHT of the door"
     assert mirror_phrase("the leftmost chair") == "the rightmost chair"
+    assert mirror_phrase("a left-hand glove, rightward") == "a right-hand glove, leftward"
+    assert mirror_phrase("the leftover cake and the rights") == "the leftover cake and the rights"
     assert mirror_phrase("a bright light on the upright pole") == "a bright light on the upright pole"
     assert mirror_phrase("the circle above the square") == "the circle above the square"
-    for phrase in ("left of the red one and right of it", "Leftmost", "the rights"):
+    for phrase in ("left of the red one and right of it", "Leftmost", "RIGHT-HAND"):
         assert mirror_phrase(mirror_phrase(phrase)) == phrase
 
 

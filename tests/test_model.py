@@ -238,51 +238,52 @@ def test_text_kernel_replaces_the_last_convt_and_reads_the_phrase():
         torch.testing.assert_close(model(image, **tokens), torch.full((2, 1, 128, 128), 5.0))
 
 
-def test_region_head_only_with_its_loss():
+AUX_HEADS = {  # head switch: (its loss weight, the parameters it adds, the aux maps it returns)
+    "region_head": (
+        "region",
+        {
+            "region_head.proj.weight",
+            "region_head.proj.bias",
+            "region_head.logit_scale",
+            "region_head.logit_bias",
+        },
+        {"region_embedding": (2, 128, 8, 8), "phrase_embedding": (2, 128)},
+    ),
+    "word_head": (
+        "words",
+        {
+            "word_head.region.weight",
+            "word_head.region.bias",
+            "word_head.phrase.weight",
+            "word_head.phrase.bias",
+        },
+        {"word_embedding": (2, 128, 8, 8), "phrase_word_embedding": (2, 128)},
+    ),
+}
+
+
+@pytest.mark.parametrize("head", sorted(AUX_HEADS))
+def test_auxiliary_heads_add_their_parameters_and_come_only_with_their_losses(head):
     from segvlm.config import ExperimentConfig, validate
 
-    params, _ = _decoder_names(_with(clipseg_like(), region_head=True))
-    assert params - _decoder_names(clipseg_like())[0] == {
-        "region_head.proj.weight", "region_head.proj.bias", "region_head.logit_scale", "region_head.logit_bias",
-    }  # fmt: skip
+    loss, added, shapes = AUX_HEADS[head]
+    params, _ = _decoder_names(_with(clipseg_like(), **{head: True}))
+    assert params - _decoder_names(clipseg_like())[0] == added
     torch.manual_seed(0)
-    model = build_model(model_config("segvlm_tiny", ["decoder.region_head=true"]))
+    model = build_model(model_config("segvlm_tiny", [f"decoder.{head}=true"]))
     _, aux = model(**batch(model, ["the red circle", "two stars"]), return_aux=True)
-    assert aux["region_embedding"].shape == (2, 128, 8, 8) and aux["phrase_embedding"].shape == (2, 128)
-    experiment = ExperimentConfig()
-    for region, head in ((1.0, False), (0.0, True)):
-        bad = dataclasses.replace(
-            experiment,
-            loss=dataclasses.replace(experiment.loss, region=region),
-            model=_with(experiment.model, region_head=head),
-        )
-        with pytest.raises(ConfigError, match="region"):
-            validate(bad)
-
-
-def test_word_head_only_with_its_losses_and_scored_against_the_text_vocabulary():
-    from segvlm.config import ExperimentConfig, validate
-
-    params, _ = _decoder_names(_with(clipseg_like(), word_head=True))
-    assert params - _decoder_names(clipseg_like())[0] == {
-        "word_head.region.weight", "word_head.region.bias", "word_head.phrase.weight", "word_head.phrase.bias",
-    }  # fmt: skip
-    torch.manual_seed(0)
-    model = build_model(model_config("segvlm_tiny", ["decoder.word_head=true"]))
-    _, aux = model(**batch(model, ["the red circle", "two stars"]), return_aux=True)
+    assert {k: tuple(aux[k].shape) for k in shapes} == shapes
+    # the word losses score against the text tower's own token embeddings, which only the word head returns
     vocabulary = model.backbone.clip.text_model.embeddings.token_embedding.weight
-    assert aux["word_embedding"].shape == (2, 128, 8, 8) and aux["vocabulary"] is vocabulary
-    assert aux["phrase_word_embedding"].shape == (2, 128)
-    plain = build_model(model_config("segvlm_tiny"))
-    assert "vocabulary" not in plain(**batch(plain, ["a star"]), return_aux=True)[1]
+    assert (aux.get("vocabulary") is vocabulary) == (head == "word_head")
     experiment = ExperimentConfig()
-    for words, head in ((0.3, False), (0.0, True)):
+    for weight, on in ((0.3, False), (0.0, True)):
         bad = dataclasses.replace(
             experiment,
-            loss=dataclasses.replace(experiment.loss, words=words),
-            model=_with(experiment.model, word_head=head),
+            loss=dataclasses.replace(experiment.loss, **{loss: weight}),
+            model=_with(experiment.model, **{head: on}),
         )
-        with pytest.raises(ConfigError, match="word"):
+        with pytest.raises(ConfigError, match=f"loss.{loss}="):
             validate(bad)
 
 
