@@ -103,8 +103,10 @@ def run_eval(
     Masks are ``probability > threshold``; ``None`` takes the checkpoint's (chosen on validation during
     training, 0.5 for a checkpoint without one). The report states it as ``threshold``.
     """
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    from segvlm.inference import check_threshold
+
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     quiet_environment()
     init_ray(ray_address)
     from ray.train import RunConfig, ScalingConfig
@@ -176,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.checkpoint).exists() and "://" not in args.checkpoint:
         print(f"segvlm eval: checkpoint not found: {args.checkpoint}")
         return 2
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        print(f"segvlm eval: --threshold must lie in [0, 1], got {args.threshold}")
-        return 2
+    if args.threshold is not None:
+        from segvlm.inference import check_threshold
+
+        try:
+            check_threshold(args.threshold)
+        except ValueError as err:
+            print(f"segvlm eval: --{err}")
+            return 2
     out = args.out or str(Path(args.checkpoint) / f"eval-{args.split}")
     report = run_eval(
         args.checkpoint,

@@ -80,8 +80,13 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     phrase = " ".join(str(args.phrase).split())
     if not phrase:
         raise UsageError("phrase is empty or whitespace: pass --phrase 'the thing to segment'")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise UsageError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.threshold is not None:
+        from segvlm.inference import check_threshold
+
+        try:
+            check_threshold(args.threshold)
+        except ValueError as err:
+            raise UsageError(f"--{err}") from None
     image = _load_image(Path(args.image))
 
     import torch

@@ -283,7 +283,7 @@ class SegDecoder(nn.Module):
             aux["region_logit_bias"] = self.region_head.logit_bias
         if return_aux and self.word_head is not None:
             aux["word_embedding"] = per_phrase(self.word_head.region_map(activations[-1], (h, w)))
-            aux["phrase_word_embedding"] = self.word_head.phrase_embedding(cond)
+            aux["phrase_word_embedding"] = self.word_head.phrase(cond)
 
         a = None
         for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], self.layers, self.reduces)):

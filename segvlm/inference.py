@@ -24,11 +24,26 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 
-__all__ = ["DEFAULT_THRESHOLD", "Predictor", "checkpoint_threshold", "overlay", "probabilities_to_size"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Predictor",
+    "check_threshold",
+    "checkpoint_threshold",
+    "overlay",
+    "probabilities_to_size",
+]
 
 Tokenize = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
 
 DEFAULT_THRESHOLD = 0.5  # PhraseCut's and CLIPSeg's decision threshold, for checkpoints that store none
+
+
+def check_threshold(value: float) -> float:
+    """``value`` as a float, or a ValueError saying why it cannot be a decision threshold."""
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {value}")
+    return value
 
 
 def checkpoint_threshold(meta: Mapping[str, Any]) -> float:

@@ -30,6 +30,7 @@ __all__ = [
     "PhraseCutMetrics",
     "ThresholdSweep",
     "boundary_f_score",
+    "counts_above_thresholds",
     "format_markdown_table",
     "official_iou",
     "seg2bmap",
@@ -312,6 +313,31 @@ def simpson_avg(y: np.ndarray, x: np.ndarray) -> float:
     return (val + result) / 2.0
 
 
+@torch.no_grad()
+def counts_above_thresholds(
+    prob: torch.Tensor, gt: torch.Tensor, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP, FP and FN (each B×T float64) of the predictions ``prob > t_j`` for every sample and threshold.
+
+    ``prob`` B×N probabilities, ``gt`` B×N bool, ``thresholds`` increasing; the comparison is made in float32,
+    as ``probabilities > t`` on a float32 tensor makes it. Runs on ``prob``'s device: one bucketize and one
+    bincount, and only 3×T numbers per sample come back.
+    """
+    b, t = prob.shape[0], len(thresholds)
+    edges = torch.as_tensor(thresholds, dtype=torch.float32, device=prob.device)
+    # k = number of thresholds strictly below p; the pixel is foreground at threshold j iff j < k.
+    k = torch.bucketize(prob.float(), edges, right=False)
+    # one bincount over (sample, gt, k): row 2·b + gt of a (2B)×(T+1) histogram
+    rows = torch.arange(b, device=prob.device)[:, None] * 2 + gt.long()
+    hist = torch.bincount((rows * (t + 1) + k).flatten(), minlength=2 * b * (t + 1)).reshape(b, 2, t + 1)
+    neg, pos = hist[:, 0], hist[:, 1]
+    # foreground count at threshold j = Σ_{k > j} hist[k]: reverse cumulative sum, drop the k = 0 bin.
+    tp = pos.flip(1).cumsum(1).flip(1)[:, 1:].double().cpu().numpy()
+    fp = neg.flip(1).cumsum(1).flip(1)[:, 1:].double().cpu().numpy()
+    fn = pos.sum(1, keepdim=True).double().cpu().numpy() - tp
+    return tp, fp, fn
+
+
 class ClipSegMetrics(Metric):
     """CLIPSeg's protocol (timojl/clipseg ``metrics.py::FixedIntervalMetrics``), on probabilities at 352².
 
@@ -369,18 +395,7 @@ class ClipSegMetrics(Metric):
         b = p.shape[0]
         p = p.reshape(b, -1).float()
         g = g.reshape(b, -1).bool()
-        t = len(self.thresholds)
-        edges = torch.as_tensor(self.thresholds, dtype=torch.float32, device=p.device)
-        # k = number of thresholds strictly below p; the pixel is foreground at threshold j iff j < k.
-        k = torch.bucketize(p, edges, right=False)
-        # one bincount over (sample, gt, k): row 2·b + gt of a (2B)×(T+1) histogram
-        rows = torch.arange(b, device=p.device)[:, None] * 2 + g.long()
-        hist = torch.bincount((rows * (t + 1) + k).flatten(), minlength=2 * b * (t + 1)).reshape(b, 2, t + 1)
-        neg, pos = hist[:, 0], hist[:, 1]
-        # foreground count at threshold j = Σ_{k > j} hist[k]: reverse cumulative sum, drop the k = 0 bin.
-        tp = pos.flip(1).cumsum(1).flip(1)[:, 1:].double().cpu().numpy()
-        fp = neg.flip(1).cumsum(1).flip(1)[:, 1:].double().cpu().numpy()
-        fn = pos.sum(1, keepdim=True).double().cpu().numpy() - tp
+        tp, fp, fn = counts_above_thresholds(p, g, self.thresholds)
         st = self._state
         st["tp"] += tp.sum(0)
         st["fp"] += fp.sum(0)
@@ -519,22 +534,17 @@ class ThresholdSweep(Metric):
 
     def update(self, prob: torch.Tensor | np.ndarray, gt: np.ndarray) -> np.ndarray:
         """Add one task (``prob`` H×W in [0, 1], ``gt`` H×W bool, same size). Returns its IoU per threshold."""
-        if isinstance(prob, torch.Tensor):
-            prob = prob.detach().float().cpu().numpy()
-        prob, gt = np.asarray(prob), _as_bool(gt)
-        if prob.shape != gt.shape:
-            raise ValueError(f"probabilities {prob.shape} and ground truth {gt.shape} differ in size")
-        t = len(self.thresholds)
-        # k = number of thresholds strictly below p: the pixel is foreground at threshold j iff j < k
-        # compared in float32, as ``probabilities > threshold`` on a float32 tensor compares
-        k = np.searchsorted(self.thresholds.astype(np.float32), prob.astype(np.float32).ravel(), side="left")
-        on_gt = np.bincount(k[gt.ravel()], minlength=t + 1)
-        everywhere = np.bincount(k, minlength=t + 1)
-        # pixels above threshold j = Σ_{k > j} counts: reverse cumulative sum without the k = 0 bin
-        intersection = np.cumsum(on_gt[::-1])[::-1][1:].astype(np.float64)
-        predicted = np.cumsum(everywhere[::-1])[::-1][1:].astype(np.float64)
-        union = predicted + np.count_nonzero(gt) - intersection
-        iou = np.divide(intersection, union, out=np.zeros(t), where=intersection > 0)
+        p = torch.as_tensor(prob).detach()
+        g = torch.as_tensor(_as_bool(gt), device=p.device)
+        if p.shape != g.shape:
+            raise ValueError(
+                f"probabilities {tuple(p.shape)} and ground truth {tuple(g.shape)} differ in size"
+            )
+        tp, fp, fn = (
+            c[0] for c in counts_above_thresholds(p.reshape(1, -1), g.reshape(1, -1), self.thresholds)
+        )
+        union = tp + fp + fn
+        iou = np.divide(tp, union, out=np.zeros(len(self.thresholds)), where=tp > 0)
         self._state["count"] += 1
         self._state["iou_sum"] += iou
         return iou

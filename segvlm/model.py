@@ -55,7 +55,7 @@ class SegVLM(nn.Module):
                 several phrases is encoded once; None pairs phrase b with image b (N = B).
             return_aux: also return the decoder's auxiliary tensors (``SegDecoder.forward``), e.g. what the
                 region–phrase loss reads, and with the decoder's word head ``vocabulary``: the text tower's
-                V×text_width token embeddings, what the region–word loss scores regions against.
+                V×text_width token embeddings, what the word losses score against.
 
         Returns:
             B×1×H×W logits (apply a sigmoid for probabilities), or ``(logits, aux)``.

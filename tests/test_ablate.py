@@ -31,7 +31,7 @@ def test_ladder_pure_helpers():
         "+se",
         "+xattn+projector",
         "+text_kernel",
-        "+words",  # the demo config trains with the region–word loss
+        "+words",  # the demo config trains with the word losses
     ]
     assert [r.name for r in ladder(dataclasses.replace(base.loss, words=0.0))] == [r.name for r in rungs[:-1]]
     assert select_rungs(rungs, "raf,bce") == [0, 1]

@@ -529,7 +529,7 @@ def test_train_hflip_mirrors_pixels_masks_and_phrases_together(tmp_path: Path) -
                     painted = colour_mask(rgb, task.phrase.split()[0]).astype(bool)
                     assert (painted & grow(mask > 0)).sum() >= 0.95 * painted.sum(), batch["phrase"][i]
                 name = task.phrase_structure["name"]
-                # what the region–word loss asks the target to be called: attributes and name, not sides
+                # what the word losses ask the target to be called: attributes and name, not sides
                 assert batch["target_words"][i] == f"{task.phrase_structure['attributes'][0]} {name}"
                 if name in SIDES and mask.sum() >= 40:  # the phrase still says where the target is
                     cols = np.flatnonzero(mask.any(0))

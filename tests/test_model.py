@@ -106,11 +106,11 @@ def test_shared_images_match_repeated_images():
     tokens = model.backbone.tokenize(phrases)
     target = torch.rand(5, 1, 128, 128).round()
     word_ids = tokens["input_ids"][:, 1:3]
+    all_words = torch.ones_like(word_ids).bool()
     grads, outputs = [], []
     for kwargs in ({"pixel_values": images, "image_index": index}, {"pixel_values": images[index]}):
         model.zero_grad()
         logits, aux = model(**kwargs, **tokens, return_aux=True)
-        all_words = torch.ones_like(word_ids).bool()
         words = region_word_loss(aux["word_embedding"], aux["vocabulary"], target, word_ids, all_words)
         words = words + word_prediction_loss(
             aux["phrase_word_embedding"], aux["vocabulary"], word_ids, all_words

@@ -191,6 +191,9 @@ def test_bad_inputs_exit_2_with_a_clear_message(ckpt, image_file, tmp_path, caps
     assert _run(ckpt, image_file, tmp_path, phrase="   ") == 2
     assert "phrase is empty" in capsys.readouterr().err
 
+    assert _run(ckpt, image_file, tmp_path, "--threshold", "1.5") == 2
+    assert "--threshold must lie in [0, 1], got 1.5" in capsys.readouterr().err
+
     assert _run(tmp_path / "no_ckpt", image_file, tmp_path) == 2
     err = capsys.readouterr().err
     assert "checkpoint not found" in err and "no_ckpt" in err

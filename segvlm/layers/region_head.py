@@ -34,5 +34,11 @@ class RegionPhraseHead(nn.Module):
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """tokens: B×(1+h·w)×Cv → B×P×h×w (CLS dropped, row-major grid)."""
-        h, w = grid
-        return self.proj(tokens[:, 1:]).transpose(1, 2).unflatten(-1, (h, w))
+        return token_map(self.proj, tokens, grid)
+
+
+def token_map(proj: nn.Module, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A per-token map of the visual tokens laid out on their grid: B×(1+h·w)×Cv → B×C×h×w (CLS dropped,
+    row-major tokens)."""
+    h, w = grid
+    return proj(tokens[:, 1:]).transpose(1, 2).unflatten(-1, (h, w))

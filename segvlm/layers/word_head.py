@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from segvlm.layers.region_head import token_map
+
 
 class WordHead(nn.Module):
     """Two linear maps into the space of the text tower's token embeddings (Ct wide): one of the visual tokens
@@ -25,10 +27,5 @@ class WordHead(nn.Module):
         self.phrase = nn.Linear(phrase_dim, word_dim)
 
     def region_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """tokens: B×(1+h·w)×Cv → B×Ct×h×w (CLS dropped, row-major grid)."""
-        h, w = grid
-        return self.region(tokens[:, 1:]).transpose(1, 2).unflatten(-1, (h, w))
-
-    def phrase_embedding(self, phrase: Tensor) -> Tensor:
-        """phrase: B×P pooled phrase embedding → B×Ct."""
-        return self.phrase(phrase)
+        """tokens: B×(1+h·w)×Cv → B×Ct×h×w (CLS dropped, row-major grid); ``self.phrase`` maps B×P → B×Ct."""
+        return token_map(self.region, tokens, grid)
