@@ -15,11 +15,11 @@ evaluator reads; ``segvlm.metrics`` recomputes the report from those PNGs in the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from jobs import distributed
     from jobs.evaluation import evaluate
     from pipeline.loader import make_eval_loader
     from segvlm.checkpoint import load_checkpoint
@@ -39,7 +40,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
-    device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
+    device = distributed.worker_device(config["use_gpu"])
     model, model_cfg, meta = load_checkpoint(config["checkpoint"])
     threshold = config["threshold"] if config["threshold"] is not None else checkpoint_threshold(meta)
     model.to(device)
@@ -52,8 +53,9 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
         num_workers=0,
+        pin_memory=device.type == "cuda",
     )
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else nullcontext
+    autocast = functools.partial(distributed.autocast, "auto", device)  # bf16 on GPU, float32 on CPU
     start = time.perf_counter()
     result = evaluate(
         model,
@@ -63,7 +65,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         threshold=threshold,
         official_dir=config["official_dir"],
     )
-    summary = result.all_reduce().compute()
+    summary = result.all_reduce(device).compute()
     summary["threshold"] = threshold
     summary["seconds"] = time.perf_counter() - start
     if rank == 0:
@@ -112,6 +114,8 @@ def run_eval(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.distributed import process_group_backend
+
     out_dir = Path(out).resolve()
     trainer = TorchTrainer(
         eval_loop_per_worker,
@@ -126,7 +130,7 @@ def run_eval(
             "threshold": threshold,
             "threads": max(1, (os.cpu_count() or 1) // max(1, num_workers)),
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         # an evaluation keeps no Ray checkpoints; its storage is scratch space
         run_config=RunConfig(

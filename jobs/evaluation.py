@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jobs import distributed
 from segvlm.inference import overlay, probabilities_to_size
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.metrics import EvalMetrics
@@ -30,13 +31,12 @@ class EvalResult:
     metrics: EvalMetrics
     overlays: list[tuple[str, Image.Image]]  # (task_id, picture)
 
-    def all_reduce(self) -> EvalMetrics:
-        """Sum the metric state over all ranks (one all-reduce) and return the merged metrics."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            vector = torch.from_numpy(self.metrics.to_vector())
-            dist.all_reduce(vector)
+    def all_reduce(self, device: torch.device | str = "cpu") -> EvalMetrics:
+        """Sum the metric state over all ranks (one all-reduce of a float64 vector on ``device``, the
+        worker's device: an NCCL group serves CUDA tensors only) and return the merged metrics."""
+        if distributed.world_size() > 1:
+            vector = torch.from_numpy(self.metrics.to_vector()).to(device)
+            distributed.all_reduce(vector)
             self.metrics.from_vector(vector)
         return self.metrics
 
@@ -95,9 +95,9 @@ def evaluate(
     for batch in loader:
         with autocast():
             logits = model(
-                batch["pixel_values"].to(device),
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
+                distributed.to_device(batch["pixel_values"], device),
+                distributed.to_device(batch["input_ids"], device),
+                distributed.to_device(batch["attention_mask"], device),
             )
         logits = logits.float().cpu()  # B×1×S×S
         probabilities = torch.sigmoid(logits)[:, 0]

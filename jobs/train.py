@@ -57,6 +57,7 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.distributed import process_group_backend
     from jobs.tracking import RunLogger, resolve_tracking_uri
     from jobs.tracking_relay import needs_relay, start_relay, stop_relay
     from jobs.train_loop import FAIL_ENV, MODEL_DIR, SCORE_KEY, TRAIN_STATE, train_loop_per_worker
@@ -87,7 +88,7 @@ def run_training(
             "fail_at": os.environ.get(FAIL_ENV),
             "tracking_relay": relay,
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
