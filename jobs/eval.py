@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         help="foreground if probability > T (default: the checkpoint's, chosen on validation; else 0.5)",
     )
     parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--tracking-uri", default=None, help="log the report to this MLflow store")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        help="log the report to this MLflow store (default: $MLFLOW_TRACKING_URI; unset: no logging)",
+    )
     parser.add_argument("--run-id", default=None, help="append to this MLflow run instead of a new one")
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).exists() and "://" not in args.checkpoint:

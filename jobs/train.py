@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", help="local folder for the MLflow store, Ray results and the best checkpoint"
     )
     parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in workdir)"
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite in workdir)",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' on a cluster node)")
     return parser
