@@ -18,7 +18,14 @@ _QUIET_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     # Train V2 redirects print() to a logger and also tees it when MLflow wraps stdout: every line twice
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # our own progress lines report prepare/train/eval; Ray Data's INFO lines (execution plans, progress
+    # logs when stdout is no terminal) and MLflow's (system-metrics monitor start/stop) would bury them
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
+# Ray Train's own INFO lines (resources requested, worker group started, every report and checkpoint) go to
+# its log files only; warnings and errors still reach the console (RunConfig(logging_config=...)).
+TRAIN_LOG_LEVEL = "WARNING"
 # The user's choices, never set by a job: whether the hub may be reached (a cluster node downloading
 # openai/clip-vit-base-patch16 needs it online, an air-gapped one needs HF_HUB_OFFLINE=1), which hub, which
 # MLflow store. Passed on to Ray workers and submitted jobs only when the caller set them.
@@ -79,6 +86,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             configure_logging=True,
             logging_level="warning",
         )
+
+
+def quiet_train_worker() -> None:
+    """Run at the top of a Ray Train worker loop: Ray 2.60's per-report INFO line ("Reporting training result
+    …", twice per checkpoint) comes from a logger named after its file, which ``LoggingConfig`` (it filters
+    ``ray.train.*``) does not reach."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def git_commit(path: str | Path = ".") -> str:

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # everything the demo loads is local (a tiny CLIP it writes itself): it never needs the hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' save_pretrained bar
     quiet_environment()
 
     from jobs.eval import run_eval

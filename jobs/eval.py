@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, quiet_environment, to_json
+from jobs.common import TRAIN_LOG_LEVEL, init_ray, quiet_environment, to_json
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
@@ -31,12 +31,14 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from jobs import distributed
+    from jobs.common import quiet_train_worker
     from jobs.evaluation import evaluate
     from pipeline.loader import make_eval_loader
     from segvlm.checkpoint import load_checkpoint
     from segvlm.inference import checkpoint_threshold
     from segvlm.metrics import format_markdown_table
 
+    quiet_train_worker()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -111,7 +113,7 @@ def run_eval(
         threshold = check_threshold(threshold)
     quiet_environment()
     init_ray(ray_address)
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.distributed import process_group_backend
@@ -134,7 +136,9 @@ def run_eval(
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         # an evaluation keeps no Ray checkpoints; its storage is scratch space
         run_config=RunConfig(
-            name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=tempfile.mkdtemp()
+            name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=tempfile.mkdtemp(),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
     result = trainer.fit()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import git_commit, init_ray, quiet_environment
+from jobs.common import TRAIN_LOG_LEVEL, git_commit, init_ray, quiet_environment
 from segvlm.config import ExperimentConfig, load_config, to_dict
 
 
@@ -56,7 +56,7 @@ def run_training(
     """
     quiet_environment()
     init_ray(ray_address)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.distributed import process_group_backend
@@ -100,6 +100,7 @@ def run_training(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,

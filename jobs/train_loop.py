@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from jobs import distributed
+from jobs.common import quiet_train_worker
 from jobs.distributed import to_device
 from jobs.evaluation import evaluate, log_evaluation
 from jobs.tracking import RunLogger
@@ -137,6 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     cfg = from_dict(ExperimentConfig, loop_config["experiment"])
     # DDP's bucket views cannot match the strides torch picks for a ConvTranspose weight with one input
     # channel; harmless (one extra copy) but printed by every worker

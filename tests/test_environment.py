@@ -43,6 +43,8 @@ def test_worker_env_carries_the_users_choices_and_nothing_else():
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_V2_ENABLED": "1",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_DATA_LOG_LEVEL": "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
     }
     caller = {
         "HF_HUB_OFFLINE": "0",
