@@ -22,6 +22,7 @@ _QUIET_ENV = {
     # logs when stdout is no terminal) and MLflow's (system-metrics monitor start/stop) would bury them
     "RAY_DATA_LOG_LEVEL": "WARNING",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # Ray Train's own INFO lines (resources requested, worker group started, every report and checkpoint) go to
 # its log files only; warnings and errors still reach the console (RunConfig(logging_config=...)).

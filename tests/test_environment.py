@@ -45,6 +45,7 @@ def test_worker_env_carries_the_users_choices_and_nothing_else():
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_DATA_LOG_LEVEL": "WARNING",
         "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     caller = {
         "HF_HUB_OFFLINE": "0",
