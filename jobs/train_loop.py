@@ -149,7 +149,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = distributed.worker_device(cfg.train.use_gpu)
     seed_everything(cfg.train.seed * 1009 + rank)
 
-    model = build_model(cfg.model)
+    # on the device before the optimizer exists: a resumed optimizer state is loaded onto its parameters'
+    # device, and AdamW cannot step CUDA parameters with CPU moments
+    model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     state: dict[str, Any] = {
         "step": 0,
@@ -171,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[segvlm] resumed from step {state['step']} (MLflow run {state['run_id']})", flush=True)
 
-    model = ray.train.torch.prepare_model(model, move_to_device=device.type == "cuda")
+    model = ray.train.torch.prepare_model(model, move_to_device=device)  # DDP on `device`: cuda:i or cpu
     core = model.module if hasattr(model, "module") else model
     tokenize = core.backbone.tokenize
     image_size = cfg.model.backbone.image_size
