@@ -233,7 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
-    window: dict[str, float] = defaultdict(float)
+    # loss terms stay on the device until a log step: a float() per step would wait for the GPU every step
+    window: dict[str, Any] = defaultdict(float)
     window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     last_score = float("nan")
@@ -289,9 +290,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     )
                 (terms["loss"] / accum).backward()
             for name, value in terms.items():
-                window[name] += float(value.detach()) / accum
+                window[name] += value.detach().float() / accum
         if cfg.optim.grad_clip > 0:
-            window["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+            window["grad_norm"] += torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip).detach()
         optimizer.step()
         state["step"] += 1
         state["samples"] += cfg.train.batch_size
@@ -302,7 +303,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             # one all-reduce for the loss terms and the data-wait share together
             window["data_wait_share"] = window_wait / max(elapsed, 1e-9) * window_steps
-            means = distributed.all_reduce_mean({k: v / window_steps for k, v in window.items()}, device)
+            means = distributed.all_reduce_mean(
+                {k: float(v) / window_steps for k, v in window.items()}, device
+            )
             wait_share = means.pop("data_wait_share")
             samples_per_s = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
             metrics = {f"train/{k}": v for k, v in means.items()}
