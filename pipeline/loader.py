@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.prompts import singular
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
+from pipeline.validate import check_sample_sizes
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.transforms import (
     TokenizeFn,
@@ -138,11 +139,15 @@ class _ErrorBudget:
 
 
 def _parse(sample: dict[str, Any]) -> tuple[str, bytes, ImageRecord]:
-    """``(key, jpg bytes, record)`` of a raw tar sample; raises if a member is missing."""
+    """``(key, jpg bytes, record)`` of a raw tar sample; raises if a member is missing, or if a size in it
+    (the record's, or the image header's) is beyond what may be allocated (``check_sample_sizes``):
+    crop boxes, masks and the decode all allocate from those sizes."""
     missing = [m for m in _MEMBERS if m not in sample]
     if missing:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} lacks {missing}")
-    return sample["__key__"], sample["jpg"], ImageRecord.from_json(sample["json"])
+    record = ImageRecord.from_json(sample["json"])
+    check_sample_sizes(record, sample["jpg"])
+    return sample["__key__"], sample["jpg"], record
 
 
 def _worker() -> tuple[int, int]:
