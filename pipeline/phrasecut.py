@@ -26,6 +26,7 @@ import dataclasses
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -320,7 +321,10 @@ def _decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Im
     """``(image, "", "")`` fully decoded, or ``(None, reason, why)``. The size is checked from the header,
     before a single pixel is decoded; decoding everything is what detects truncated files."""
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Pillow warns from 89 MP on; the size is checked against our own limit right below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:  # Pillow's own refusal (over 2 × its MAX_IMAGE_PIXELS)
         return None, IMAGE_TOO_LARGE, f"refused before decoding ({err})"
     except Exception as err:  # PIL raises several types for garbage input

@@ -98,12 +98,17 @@ def read_file_inside(root: str | os.PathLike[str], relative: str, max_bytes: int
     path = resolve_inside(root, relative)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise FileNotFoundError(f"{relative} is not a regular file")
         if info.st_size > max_bytes:
             raise TooLargeError(f"{relative} has {info.st_size} bytes, over the limit of {max_bytes}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew since the fstat
         raise TooLargeError(f"{relative} has more than {max_bytes} bytes")
@@ -224,9 +229,12 @@ def polygon_error(instances: list[list[list[Any]]], width: int, height: int) -> 
 def header_size(data: bytes) -> tuple[int, int]:
     """``(width, height)`` from an image's header, without decoding its pixels (raises on garbage)."""
     import io
+    import warnings
 
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller checks the size
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
 
 
 def check_sample_sizes(record: Any, jpg: bytes, max_pixels: int = LOADER_MAX_PIXELS) -> None:
