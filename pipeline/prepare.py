@@ -41,7 +41,15 @@ from pipeline import shards
 from pipeline.progress import Progress, format_table
 from pipeline.quarantine import RECORD_ERROR
 from pipeline.schema import ImageRecord, QuarantineRecord, Task, make_key
-from pipeline.validate import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, LOADER_MAX_PIXELS, meta_size
+from pipeline.validate import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    LOADER_MAX_PIXELS,
+    id_error,
+    meta_size,
+    structure_error,
+    text_error,
+)
 
 PARTS_DIR = "_parts"
 DEFAULT_SHARD_SAMPLES = 1000
@@ -243,6 +251,7 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
             if job.synthetic_prompts:
                 record = augment(record, job)
             record_rows = mf.manifest_rows(record, plan.name)
+            mf.check_rows(record_rows)  # a row Parquet cannot encode would fail the job at its very end
         except Exception as err:  # one record's surprise is that record's quarantine, not a failed job
             quarantine.extend(record_error_rows(record, entry.source_file, "augment/index", err))
             stats["tasks_ok"] -= sum(t.kind == "original" for t in record.tasks)
@@ -349,6 +358,15 @@ def list_entries(config: PrepareConfig) -> list[Any]:
     return list_images(config.root, config.split)
 
 
+def text_usable(raw: dict[str, Any]) -> bool:
+    """Whether a listed task's id and text pass the reader's checks (pipeline/validate.py)."""
+    return (
+        id_error(raw["task_id"]) is None
+        and text_error(raw["phrase"]) is None
+        and structure_error(raw["phrase_structure"]) is None
+    )
+
+
 def negative_pool_for(entries: Sequence[Any], config: PrepareConfig) -> tuple[tuple[str, str], ...]:
     """Built once on the driver from the listing (phrases only, no images), shipped to every task."""
     from pipeline import prompts
@@ -372,6 +390,7 @@ def listing_records(entries: Sequence[Any], config: PrepareConfig) -> list[Image
                 phrase_structure=raw["phrase_structure"],
             )
             for raw in entry.tasks
+            if text_usable(raw)  # the reader will quarantine the rest; their phrases must not spread
         ]
         meta = entry.meta or {}
         records.append(

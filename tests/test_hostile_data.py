@@ -8,6 +8,7 @@ argument checks, in one process (fast). ``test_hostile_pipeline.py`` runs the sa
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import zlib
@@ -356,3 +357,40 @@ def test_bomb_fixture_is_what_it_claims():
     with Image.open(io.BytesIO(data)) as image:
         assert image.size == (3, 2) and np.asarray(image).tolist() == [[0, 0, 0], [0, 0, 0]]
     assert len(png_bomb(10_000, 10_000)) < 200_000  # 100 MP in well under 200 KB
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def test_hostile_phrases_never_reach_the_negative_pool(hostile, tmp_path):
+    from pipeline.prepare import PrepareConfig, negative_pool_for
+
+    config = PrepareConfig(
+        source="phrasecut", root=hostile["root"], split="train", out=str(tmp_path), synthetic_prompts=True
+    )
+    pool = negative_pool_for(list_images(hostile["root"], "train"), config)
+    assert pool and all(text_error(name) is None and text_error(phrase) is None for name, phrase in pool)
+    assert "clipped box" in {phrase for _, phrase in pool}  # clean phrases of kept tasks are there
+
+
+def test_a_record_whose_manifest_row_cannot_be_encoded_is_quarantined_not_fatal(hostile, tmp_path):
+    """A generated negative with a lone surrogate (here from a hand-made pool) would have made the manifest
+    write raise after every shard was written; now its image is quarantined and the shard still written."""
+    import pyarrow.fs as pafs
+
+    from pipeline.prepare import ShardJob, build_shard, plan_shards, sidecar_path
+
+    entries = [e for e in list_images(hostile["root"], "train") if e.image_id in (504, 505)]
+    (plan,) = plan_shards(entries, source="phrasecut", split="train", shard_samples=10)
+    job = ShardJob(
+        root=hostile["root"], source="phrasecut", max_side=None, fingerprint="f",
+        filesystem=pafs.LocalFileSystem(), base=str(tmp_path), synthetic_prompts=True,
+        prompt_rates={"negative": 0.9}, negative_pool=(("zebra\ud800", "a zebra\ud800"),),
+    )  # fmt: skip
+    sidecar = build_shard(plan, job)
+    assert sidecar["samples"] == 0 and sidecar["manifest"] == []
+    assert sorted(q["record"] for q in sidecar["quarantine"]) == ["504__1", "504__2", "505__1", "505__2"]
+    assert all(
+        q["reason"] == RECORD_ERROR and "not valid Unicode" in q["detail"] for q in sidecar["quarantine"]
+    )
+    assert check_accounting([sidecar], 4) == {"inputs": 4, "written": 0, "quarantined": 4}
+    written = json.loads(Path(sidecar_path(str(tmp_path), plan.name)).read_text())
+    assert written["quarantine"] == sidecar["quarantine"]  # the sidecar on disk says the same
