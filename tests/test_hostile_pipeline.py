@@ -48,7 +48,7 @@ def prepared(ray_local, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("hostile-pipeline")
     fixture = make_hostile_fixture(base / "input")
-    before = _files(base / "input")
+    before = _files(base)
     summaries = {}
     for split in ("train", "val"):
         args = ["--source", "phrasecut", "--root", fixture["root"], "--split", split]
@@ -57,7 +57,9 @@ def prepared(ray_local, tmp_path_factory):
             args += ["--synthetic-prompts"]  # the prompt generator sees only what the reader let through
         assert prepare_main(args) == 0
         summaries[split] = mf.load_summary(base / "shards" / split)
-    assert _files(base / "input") == before  # the input folder (and the canaries beside it) untouched
+    after = _files(base)
+    # the input folder (and the canaries beside it) untouched; everything new is under the output folders
+    assert {k: v for k, v in after.items() if not k.startswith("shards/")} == before
     return base, fixture, summaries
 
 
