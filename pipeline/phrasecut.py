@@ -15,7 +15,9 @@ Two steps, so a Ray driver can fan out cheaply:
   picklable values and it has no side effects, so Ray tasks can call it directly.
 
 Every bad record comes back as a :class:`~pipeline.schema.QuarantineRecord` (reason codes in
-:mod:`pipeline.quarantine`); an image-level fault quarantines each of the image's tasks. Polygons that are
+:mod:`pipeline.quarantine`); an image-level fault quarantines each of the image's tasks. Records are
+hostile input: ids, paths, text and sizes are checked by :mod:`pipeline.validate` (docs/data-safety.md),
+and any exception while handling one record quarantines it (``record_error``) instead of failing the job. Polygons that are
 degenerate while the task still has a usable one are kept (and counted): the official evaluator draws them
 too, so dropping them would change the ground truth the metrics use.
 """

@@ -44,6 +44,7 @@ from pipeline.schema import ImageRecord, QuarantineRecord, Task, make_key
 from pipeline.validate import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_PIXELS,
+    LOADER_MAX_MEMBER_BYTES,
     LOADER_MAX_PIXELS,
     id_error,
     meta_size,
@@ -91,8 +92,10 @@ class PrepareConfig:
             raise ValueError("--shard-bytes must be >= 1")
         if not 1 <= self.max_pixels <= LOADER_MAX_PIXELS:
             raise ValueError(f"--max-pixels must lie in 1..{LOADER_MAX_PIXELS} (what the loaders accept)")
-        if self.max_image_bytes < 1:
-            raise ValueError("--max-image-bytes must be >= 1")
+        if not 1 <= self.max_image_bytes <= LOADER_MAX_MEMBER_BYTES:
+            raise ValueError(
+                f"--max-image-bytes must lie in 1..{LOADER_MAX_MEMBER_BYTES} (what the loaders read)"
+            )
         if self.synthetic_prompts and self.prompt_rates is None:
             from pipeline.prompts import DEFAULT_RATES
 

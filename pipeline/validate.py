@@ -42,6 +42,7 @@ DEFAULT_MAX_PIXELS = 36_000_000
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 # what any loader accepts from a shard; PrepareConfig.max_pixels may not exceed it
 LOADER_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+LOADER_MAX_MEMBER_BYTES = 256 * 2**20  # a tar member a loader reads whole; max_image_bytes may not exceed it
 MAX_SIDE = 65_535  # JPEG's own limit; also bounds each side separately (a 1 × 36M strip is no image)
 MAX_POINTS_PER_TASK = 100_000
 MAX_STRUCTURE_ITEMS = 1_000  # strings/values in one phrase_structure

@@ -394,3 +394,26 @@ def test_a_record_whose_manifest_row_cannot_be_encoded_is_quarantined_not_fatal(
     assert check_accounting([sidecar], 4) == {"inputs": 4, "written": 0, "quarantined": 4}
     written = json.loads(Path(sidecar_path(str(tmp_path), plan.name)).read_text())
     assert written["quarantine"] == sidecar["quarantine"]  # the sidecar on disk says the same
+
+
+def test_loaders_cap_what_a_tar_member_may_ask_for(tmp_path, monkeypatch):
+    from pipeline import loader
+
+    good = _jpeg(_image(48, 40, 1))
+    big = _jpeg(_image(400, 300, 2))
+    _write_tar(
+        tmp_path / "train-000000.tar",
+        [("t_1", good, _record(1).to_json()), ("t_2", big, _record(2, width=400, height=300).to_json())],
+    )
+    monkeypatch.setattr(loader, "MAX_MEMBER_BYTES", len(good) + 100)  # t_2's jpg is over it
+    with pytest.raises(ValueError, match=r"t_2\.jpg .* bytes, over the"):
+        list(make_eval_loader(tmp_path, split="train", batch_size=4, image_size=32, tokenizer=fake_tokenize))
+    stream, _ = make_train_loader(
+        tmp_path, batch_size=2, image_size=32, tokenizer=fake_tokenize, negative_rate=0.0,
+        steps_per_epoch=2, shuffle_buffer=1, return_dataset=True,
+    )  # fmt: skip
+    assert {k for b in stream for k in b["key"]} == {"t_1"}  # t_2 skipped: it lacks its jpg member now
+    monkeypatch.setattr(loader, "MAX_MEMBER_BYTES", len(big) + 100)
+    keys = [k for b in make_eval_loader(tmp_path, split="train", batch_size=4, image_size=32,
+                                        tokenizer=fake_tokenize) for k in b["key"]]  # fmt: skip
+    assert keys == ["t_1", "t_2"]
