@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.schema import QuarantineRecord
 
 QUARANTINE_FILE = "quarantine.parquet"
+MAX_DETAIL = 2000  # characters of a row's detail
 
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
@@ -87,6 +88,12 @@ def _target(path: str) -> str:
     return path if path.endswith(".parquet") else path.rstrip("/") + "/" + QUARANTINE_FILE
 
 
+def _bounded(detail: str | None) -> str:
+    """A detail quotes input (an exception message may hold a whole record): at most MAX_DETAIL chars."""
+    detail = detail or ""
+    return detail if len(detail) <= MAX_DETAIL else f"{detail[: MAX_DETAIL - 20]}...({len(detail)} chars)"
+
+
 def to_table(records: Iterable[QuarantineRecord | Mapping[str, Any]]) -> pa.Table:
     """The quarantine rows as an Arrow table with :data:`SCHEMA` (empty input gives an empty table)."""
     rows = [_as_dict(r) for r in records]
@@ -100,7 +107,7 @@ def to_table(records: Iterable[QuarantineRecord | Mapping[str, Any]]) -> pa.Tabl
             "source_file": column("source_file", nullable=False),
             "record": column("record", nullable=False),
             "reason": column("reason", nullable=False),
-            "detail": column("detail", nullable=False),
+            "detail": [_bounded(d) for d in column("detail", nullable=False)],
             "image_id": column("image_id", nullable=True),
             "task_id": column("task_id", nullable=True),
         },

@@ -417,3 +417,12 @@ def test_loaders_cap_what_a_tar_member_may_ask_for(tmp_path, monkeypatch):
     keys = [k for b in make_eval_loader(tmp_path, split="train", batch_size=4, image_size=32,
                                         tokenizer=fake_tokenize) for k in b["key"]]  # fmt: skip
     assert keys == ["t_1", "t_2"]
+
+
+def test_quarantine_detail_is_bounded(tmp_path):
+    row = QuarantineRecord(
+        source_file="refer_train.json", record="1__1", reason="record_error", detail="x" * 10**6
+    )
+    write_quarantine(tmp_path, [row])
+    (back,) = read_quarantine(tmp_path)
+    assert len(back["detail"]) <= 2000 and back["detail"].endswith("(1000000 chars)")
