@@ -21,11 +21,14 @@ import base64
 import dataclasses
 import importlib.metadata
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
 import segvlm
 from segvlm.serving import IMAGE_COLUMN, OUTPUT_COLUMNS, PHRASE_COLUMN, THRESHOLD_COLUMN, RequestLimits
+
+_logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("serving_model.py")
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -86,9 +89,18 @@ def log_segvlm_model(
     """
     import mlflow
 
+    from segvlm.checkpoint import read_meta
+
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a checkpoint folder (no model.safetensors)")
+    meta = read_meta(checkpoint_dir)  # CheckpointError for a folder that is not a checkpoint
+    if not meta.get("includes_backbone", True):
+        # a frozen pretrained backbone is stored as a reference only: the serving machine must reach it
+        _logger.warning(
+            "%s keeps its frozen backbone as a reference (%s), not as weights: the served model loads it "
+            "from there",
+            checkpoint_dir,
+            meta.get("backbone_ref"),
+        )
     model_config = {"limits": dataclasses.asdict(limits or RequestLimits()), "device": device}
     return mlflow.pyfunc.log_model(
         name=name,
@@ -99,4 +111,9 @@ def log_segvlm_model(
         signature=signature(),
         input_example=input_example(),
         model_config=model_config,
+        metadata={
+            "segvlm_model_name": meta.get("model_name"),
+            "segvlm_includes_backbone": bool(meta.get("includes_backbone", True)),
+            "segvlm_backbone_ref": meta.get("backbone_ref"),
+        },
     )

@@ -400,12 +400,15 @@ def test_mlflow_models_serve_answers_http_with_the_mask_of_segvlm_predict(
 
     from jobs.tracking import RunLogger
 
+    # as from an activated environment: `mlflow models serve` starts `uvicorn` by name
+    bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    mlflow_bin = str(Path(bin_dir) / "mlflow")
     tracking_port, serve_port = _free_port(), _free_port()
     tracking_uri = f"http://127.0.0.1:{tracking_port}"
     served = tmp_path / "server-artifacts"
