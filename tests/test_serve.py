@@ -478,7 +478,10 @@ def test_mlflow_models_serve_answers_http_with_the_mask_of_segvlm_predict(
         status, body = _post(
             f"{base}/invocations", {"dataframe_records": [{"image_b64": oversized, "phrase": PHRASE}]}
         )
-        assert status == 400 and "over the limit" in body["message"], body
+        assert (
+            status == 400
+            and "row 0 image_b64: image file is 8388611 bytes, over the limit of 8388608" in body["message"]
+        )
         status, body = _post(
             f"{base}/invocations", {"dataframe_records": [{"image_path": str(png), "phrase": PHRASE}]}
         )
