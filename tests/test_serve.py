@@ -467,6 +467,8 @@ def test_mlflow_models_serve_answers_http_with_the_mask_of_segvlm_predict(
         )
         assert (first["width"], first["height"], second["width"], second["height"]) == (97, 61, 50, 70)
         assert first["mask_pixels"] == int((expected > 0).sum())
+        # the row without a threshold got the checkpoint's (this one stores none: 0.5)
+        assert first["threshold"] == median_threshold and second["threshold"] == 0.5
 
         # refusals: 400 with a message naming the row and the reason; nothing is opened
         status, body = _post(
