@@ -22,6 +22,8 @@ import dataclasses
 import importlib.metadata
 import io
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ _logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("serving_model.py")
 CHECKPOINT_ARTIFACT = "checkpoint"
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # The PyPI distributions segvlm (and the model code) import, beyond mlflow itself, which MLflow adds.
 REQUIREMENTS = ("torch", "torchvision", "transformers", "safetensors", "numpy", "pillow", "pyyaml")
 
@@ -87,8 +90,6 @@ def log_segvlm_model(
     ``limits``: what one request may hold (default ``RequestLimits()``); ``device``: where the served model
     runs (``"auto"``: a GPU if the serving machine has one). Both are recorded in the model's MLmodel file.
     """
-    import mlflow
-
     from segvlm.checkpoint import read_meta
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -102,6 +103,24 @@ def log_segvlm_model(
             meta.get("backbone_ref"),
         )
     model_config = {"limits": dataclasses.asdict(limits or RequestLimits()), "device": device}
+    # MLflow loads the logged model once to check its input example: that puts the model's temporary code
+    # folder first on sys.path for good (this process keeps importing from its own) and draws a progress
+    # bar for copying its files.
+    saved_path, saved_bar = list(sys.path), os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        return _log_model(checkpoint_dir, name, model_config, meta)
+    finally:
+        sys.path[:] = saved_path
+        if saved_bar is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = saved_bar
+
+
+def _log_model(checkpoint_dir: Path, name: str, model_config: dict[str, Any], meta: dict[str, Any]) -> Any:
+    import mlflow
+
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),

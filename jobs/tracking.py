@@ -269,27 +269,12 @@ class RunLogger:
             )
         if not self.enabled:
             return None
-        import sys
-
         import mlflow
         from mlflow import MlflowClient
 
         from jobs.pyfunc_model import log_segvlm_model
 
-        # MLflow loads the logged model once to check its input example, which puts the model's temporary
-        # code folder first on sys.path for good (this process keeps importing from its own) and draws a
-        # progress bar for copying its files.
-        saved_path = list(sys.path)
-        saved_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-        try:
-            info = log_segvlm_model(checkpoint_dir, name="model")
-        finally:
-            sys.path[:] = saved_path
-            if saved_bar is None:
-                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-            else:
-                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved_bar
+        info = log_segvlm_model(checkpoint_dir, name="model")
         version = mlflow.register_model(info.model_uri, registered_name)
         MlflowClient(self.tracking_uri).set_registered_model_alias(registered_name, alias, version.version)
         return str(version.version)  # an int from a sqlite store, a str from a server
