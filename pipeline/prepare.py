@@ -530,7 +530,7 @@ def remove_stale_shards(
 
 
 def write_outputs(
-    plans: Sequence[ShardPlan], job: ShardJob, summary: dict[str, Any], *, batch_rows: int = 65536
+    plans: Sequence[ShardPlan], job: ShardJob, summary: dict[str, Any], *, batch_rows: int = 8192
 ) -> None:
     """Quarantine, summary, then manifest and sizes (the completion markers), streamed from the sidecars.
 

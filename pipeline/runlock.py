@@ -100,6 +100,32 @@ class RunLock:
             self._acquire_object()
         return self
 
+    def probe(self) -> None:
+        """Raise :class:`OutputLocked` if another run holds the lock now; takes and changes nothing."""
+        local = shards.local_path(self.filesystem, self.path)
+        if local is not None:
+            import fcntl
+
+            try:
+                fd = os.open(local, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputLocked(self._refusal(_parse(_read_fd(local)), local)) from None
+            finally:
+                os.close(fd)  # closing drops the probe's lock
+            return
+        current = self._read_object()
+        if self._held_by_other(current):
+            raise OutputLocked(self._refusal(current or {}, self.path))
+
+    def _held_by_other(self, current: dict[str, Any] | None) -> bool:
+        if current is None or current.get("state") != "running" or self.break_lock:
+            return False
+        return time.time() - float(current.get("heartbeat") or 0) < self.stale_after
+
     def _acquire_local(self, path: str) -> None:
         import fcntl
 
@@ -117,10 +143,8 @@ class RunLock:
 
     def _acquire_object(self) -> None:
         current = self._read_object()
-        if current is not None and current.get("state") == "running" and not self.break_lock:
-            age = time.time() - float(current.get("heartbeat") or 0)
-            if age < self.stale_after:
-                raise OutputLocked(self._refusal(current, self.path))
+        if self._held_by_other(current):
+            raise OutputLocked(self._refusal(current or {}, self.path))
         self.previous = current
         shards.write_json_atomic(self.filesystem, self.path, self.record(), run_id=self.run_id)
         time.sleep(self.settle)
