@@ -59,6 +59,7 @@ DEFAULT_SHARD_SAMPLES = 1000
 SOURCES = ("phrasecut", "scenes")
 SIDECAR_VERSION = 2  # 2: negative pool drawn by hash rank (bounded memory), sidecars verified by sha256
 NEGATIVE_POOL_SIZE = 10000
+MAX_INFLIGHT_BYTES = 256 << 20  # task JSON of the shards in flight (PhraseCut: about 9 MB a shard)
 MARKERS = (mf.MANIFEST, mf.SIZES, mf.SUMMARY, mf.QUARANTINE)  # what a finished run writes last
 
 
@@ -449,6 +450,14 @@ def listing_records(entries: Iterable[Any], config: PrepareConfig) -> Iterator[I
         )
 
 
+def _packed_bytes(entries: Sequence[Any]) -> int:
+    """About the bytes a shard's packed entries take in the object store (0 for other entry types)."""
+    return sum(
+        sum(map(len, e[2])) + len(e[1] or "") + 200 * len(e[3]) if isinstance(e, tuple) else 0
+        for e in entries
+    )
+
+
 def _map_plans(
     plans: Sequence[ShardPlan],
     job: ShardJob,
@@ -457,12 +466,14 @@ def _map_plans(
     load: Callable[[ShardPlan], list[Any]] | None = None,
     check: Callable[[], None] = lambda: None,
     window: int | None = None,
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
 ) -> None:
-    """Run :func:`process_shard` for every plan as a Ray task, at most ``window`` in flight.
+    """Run :func:`process_shard` for every plan as a Ray task, at most ``window`` (2 per CPU) in flight.
 
-    ``load`` fills a plan's entries just before it is submitted, so the driver holds the tasks of
-    ``window`` shards at most; they travel inside the task's arguments (never via the driver's disk,
-    which other nodes cannot see). On a task error the others are cancelled and awaited, then it raises.
+    ``load`` fills a plan's entries just before it is submitted; they travel inside the task's arguments
+    (never via the driver's disk, which other nodes cannot see). The shards in flight also stay under
+    ``max_inflight_bytes`` of task JSON (one at least), so the driver's and the object store's share does
+    not grow with the cluster either. On a task error the others are cancelled and awaited, then it raises.
     """
     import ray
 
@@ -470,23 +481,29 @@ def _map_plans(
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     remote = ray.remote(num_cpus=1)(process_shard)
     job_ref = ray.put(job)
-    pending: dict[Any, int] = {}
+    pending: dict[Any, int] = {}  # ref -> bytes of its arguments
+    inflight = 0
     todo = iter(plans)
+    upcoming: ShardPlan | None = None
     try:
         while True:
             while len(pending) < window:
-                plan = next(todo, None)
-                if plan is None:
+                if upcoming is None:
+                    plan = next(todo, None)
+                    if plan is None:
+                        break
+                    upcoming = dataclasses.replace(plan, entries=load(plan)) if load is not None else plan
+                size = _packed_bytes(upcoming.entries)
+                if pending and inflight + size > max_inflight_bytes:
                     break
-                if load is not None:
-                    plan = dataclasses.replace(plan, entries=load(plan))
-                pending[remote.remote(plan, job_ref)] = plan.index
-                del plan
+                pending[remote.remote(upcoming, job_ref)] = size
+                inflight += size
+                upcoming = None
             if not pending:
                 return
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                pending.pop(ref)
+                inflight -= pending.pop(ref)
                 on_result(ray.get(ref))
             check()
     except BaseException:

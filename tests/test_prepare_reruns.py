@@ -46,9 +46,10 @@ def test_a_crashed_rerun_never_leaves_the_old_markers_and_spares_foreign_temp_fi
     assert mf.is_complete(out)
     before = mf.load_manifest(out)
 
-    # a rerun that dies halfway: the earlier run's markers must not make the folder read as finished
+    # a rerun with other settings (every shard is rewritten) that dies halfway: the earlier run's
+    # markers must not make the folder read as finished
     with pytest.raises(Exception, match="simulated crash"):
-        run_prepare(_config(root, out, crash_shards=(1,)), log=lambda _: None)
+        run_prepare(_config(root, out, max_side=50, crash_shards=(1,)), log=lambda _: None)
     assert not mf.is_complete(out)
     for name in (mf.MANIFEST, mf.SIZES, mf.SUMMARY, mf.QUARANTINE):
         assert not os.path.exists(os.path.join(out, name)), name
