@@ -162,11 +162,18 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            current = self._read_object()
-            if current is None or current.get("run_id") != self.run_id:
-                self._lost = f"the lock {self.path} now names run {(current or {}).get('run_id')}"
+            if not self.refresh():
                 return
-            shards.write_json_atomic(self.filesystem, self.path, self.record(), run_id=self.run_id)
+
+    def refresh(self) -> bool:
+        """Object stores: renew the heartbeat if the lock still names this run; False (and :meth:`check`
+        raises from then on) when another run took it over."""
+        current = self._read_object()
+        if current is None or current.get("run_id") != self.run_id:
+            self._lost = f"the lock {self.path} now names run {(current or {}).get('run_id')}"
+            return False
+        shards.write_json_atomic(self.filesystem, self.path, self.record(), run_id=self.run_id)
+        return True
 
     def check(self) -> None:
         """Raise :class:`OutputLocked` if another run took the (object store) lock over meanwhile."""
