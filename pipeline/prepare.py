@@ -389,6 +389,12 @@ def process_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
     return shard_result(build_shard(plan, job), resumed=False)
 
 
+def _ray_process(row: dict[str, Any], job: ShardJob) -> dict[str, Any]:
+    """The Ray task's function: ``row = {"index": shard index, "plan": ShardPlan}`` (looked up when the
+    job runs, so a test can wrap it to see where each shard's task ran)."""
+    return process_shard(row["plan"], job)
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -468,7 +474,7 @@ def _map_plans(
     window: int | None = None,
     max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
 ) -> None:
-    """Run :func:`process_shard` for every plan as a Ray task, at most ``window`` (2 per CPU) in flight.
+    """Run :func:`process_shard` (via :func:`_ray_process`) for every plan as a Ray task, at most ``window`` (2 per CPU) in flight.
 
     ``load`` fills a plan's entries just before it is submitted; they travel inside the task's arguments
     (never via the driver's disk, which other nodes cannot see). The shards in flight also stay under
@@ -479,7 +485,7 @@ def _map_plans(
 
     if window is None:
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=1)(process_shard)
+    remote = ray.remote(num_cpus=1)(_ray_process)
     job_ref = ray.put(job)
     pending: dict[Any, int] = {}  # ref -> bytes of its arguments
     inflight = 0
@@ -496,7 +502,7 @@ def _map_plans(
                 size = _packed_bytes(upcoming.entries)
                 if pending and inflight + size > max_inflight_bytes:
                     break
-                pending[remote.remote(upcoming, job_ref)] = size
+                pending[remote.remote({"index": upcoming.index, "plan": upcoming}, job_ref)] = size
                 inflight += size
                 upcoming = None
             if not pending:
