@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.validate import safe_child
 from segvlm.inference import overlay, probabilities_to_size
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.metrics import EvalMetrics
@@ -107,7 +108,8 @@ def evaluate(
             prob_full = probabilities_to_size(logits[i, 0], height, width)
             pred = (prob_full > threshold).numpy()
             if out_dir is not None:
-                write_png_atomic(pred, out_dir / f"{task_id}.png")
+                # the id names the file: it must stay one plain name inside out_dir (raises otherwise)
+                write_png_atomic(pred, safe_child(out_dir, f"{task_id}.png"))
             # the official ground truth: polygons (original-image pixels) rasterised at the original size
             gt = rasterize_polygons(batch["polygons"][i], width, height).astype(bool)
             if (

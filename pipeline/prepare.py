@@ -51,8 +51,19 @@ from pipeline import manifest as mf
 from pipeline import shards
 from pipeline.listing import ORPHANS_KEY, Listing, unpack
 from pipeline.progress import Progress, format_table
+from pipeline.quarantine import RECORD_ERROR
 from pipeline.runlock import RunLock
 from pipeline.schema import ImageRecord, QuarantineRecord, Task, make_key
+from pipeline.validate import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    LOADER_MAX_MEMBER_BYTES,
+    LOADER_MAX_PIXELS,
+    id_error,
+    meta_size,
+    structure_error,
+    text_error,
+)
 
 PARTS_DIR = "_parts"
 DEFAULT_SHARD_SAMPLES = 1000
@@ -78,6 +89,10 @@ class PrepareConfig:
     # prompts per original task and kind; None with synthetic_prompts: pipeline.prompts.DEFAULT_RATES
     prompt_rates: dict[str, float] | None = None
     seed: int = 0
+    # Limits on one input image (pipeline/validate.py): pixels checked from the metadata and the image
+    # header before decoding, bytes before reading; over them the image's tasks are quarantined.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     progress_every: float = 5.0
     # Take over the output's lock even though its holder looks alive (object stores: a crashed run's lock
     # is otherwise honoured until its heartbeat is stale_after old).
@@ -94,6 +109,12 @@ class PrepareConfig:
             raise ValueError("--shard-samples must be >= 1")
         if self.shard_bytes is not None and self.shard_bytes < 1:
             raise ValueError("--shard-bytes must be >= 1")
+        if not 1 <= self.max_pixels <= LOADER_MAX_PIXELS:
+            raise ValueError(f"--max-pixels must lie in 1..{LOADER_MAX_PIXELS} (what the loaders accept)")
+        if not 1 <= self.max_image_bytes <= LOADER_MAX_MEMBER_BYTES:
+            raise ValueError(
+                f"--max-image-bytes must lie in 1..{LOADER_MAX_MEMBER_BYTES} (what the loaders read)"
+            )
         if self.synthetic_prompts and self.prompt_rates is None:
             from pipeline.prompts import DEFAULT_RATES
 
@@ -109,6 +130,7 @@ class PrepareConfig:
             "synthetic_prompts": self.synthetic_prompts,
             "prompt_rates": sorted((self.prompt_rates or {}).items()) if self.synthetic_prompts else None,
             "seed": self.seed if self.synthetic_prompts else None,
+            "limits": [self.max_pixels, self.max_image_bytes],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -255,6 +277,8 @@ class ShardJob:
     crash_shards: tuple[int, ...] = ()
     run_id: str | None = None
     split: str = ""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
 
 def sidecar_path(base: str, shard: str) -> str:
@@ -284,20 +308,37 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
     from pipeline.phrasecut import load_image_record
 
     samples: list[tuple[ImageRecord, bytes]] = []
+    rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
     stats: Counter[str] = Counter()
+    inputs = 0
     for packed in plan.entries:
         entry = _as_entry(packed, job)
+        inputs += input_records(entry)
         record, jpg, bad, entry_stats = load_image_record(
-            job.root, entry, source=job.source, max_side=job.max_side
+            job.root,
+            entry,
+            source=job.source,
+            max_side=job.max_side,
+            max_pixels=job.max_pixels,
+            max_image_bytes=job.max_image_bytes,
         )
         quarantine.extend(q.to_dict() if isinstance(q, QuarantineRecord) else dict(q) for q in bad)
         stats.update({k: v for k, v in (entry_stats or {}).items() if isinstance(v, int | float)})
         if record is None or jpg is None:
             continue
-        if job.synthetic_prompts:
-            record = augment(record, job)
+        try:
+            if job.synthetic_prompts:
+                record = augment(record, job)
+            record_rows = mf.manifest_rows(record, plan.name)
+            mf.check_rows(record_rows)  # a row Parquet cannot encode would fail the job at its very end
+        except Exception as err:  # one record's surprise is that record's quarantine, not a failed job
+            quarantine.extend(record_error_rows(record, entry.source_file, "augment/index", err))
+            stats["tasks_ok"] -= sum(t.kind == "original" for t in record.tasks)
+            stats["quarantined"] += sum(t.kind == "original" for t in record.tasks)
+            continue
         samples.append((record, jpg))
+        rows.extend(record_rows)
 
     path = shards.join(job.base, plan.name)
     if plan.index in job.crash_shards:
@@ -307,7 +348,6 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
         shard_bytes, sha = info.bytes, info.sha256
     else:
         shard_bytes, sha = 0, ""  # every image quarantined: no tar, only the sidecar says so
-    rows = [row for record, _ in samples for row in mf.manifest_rows(record, plan.name)]
     sidecar = {
         "version": SIDECAR_VERSION,
         "fingerprint": job.fingerprint,
@@ -318,12 +358,37 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
         "bytes": shard_bytes,
         "sha256": sha,
         "tasks": len(rows),
+        "inputs": inputs,
         "manifest": rows,
         "quarantine": [_jsonable(q) for q in quarantine],
         "stats": dict(sorted(stats.items())),
     }
     shards.write_json_atomic(job.filesystem, sidecar_path(job.base, plan.name), sidecar, run_id=job.run_id)
     return sidecar
+
+
+def input_records(entry: Any) -> int:
+    """The refer-file records an entry stands for: its tasks plus the ones the listing already set aside."""
+    return len(entry.tasks) + len(entry.issues)
+
+
+def record_error_rows(
+    record: ImageRecord, source_file: str, stage: str, err: Exception
+) -> list[dict[str, Any]]:
+    """Quarantine rows for every original task of a record whose handling raised ``err`` at ``stage``."""
+    detail = f"{stage} of image {record.image_id} ({source_file}): {type(err).__name__}: {err}"
+    return [
+        QuarantineRecord(
+            source_file=source_file,
+            record=task.task_id,
+            reason=RECORD_ERROR,
+            detail=detail,
+            image_id=record.image_id,
+            task_id=task.task_id,
+        ).to_dict()
+        for task in record.tasks
+        if task.kind == "original"
+    ]
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -368,6 +433,7 @@ def finished_sidecar(plan: ShardPlan, job: ShardJob, *, verify: bool = True) -> 
 
 def shard_result(sidecar: dict[str, Any], *, resumed: bool) -> dict[str, Any]:
     """The counts of a sidecar the driver keeps (its rows stay in the sidecar file)."""
+    originals = [row["task_id"] for row in sidecar["manifest"] if row["kind"] == "original"]
     return {
         "index": sidecar["index"],
         "shard": sidecar["shard"],
@@ -378,6 +444,12 @@ def shard_result(sidecar: dict[str, Any], *, resumed: bool) -> dict[str, Any]:
         "reasons": dict(Counter(q["reason"] for q in sidecar["quarantine"])),
         "stats": sidecar["stats"],
         "resumed": resumed,
+        # record accounting (check_accounting): counts, and task ids repeated inside this shard (repeats
+        # across shards are caught while the manifest is streamed, see write_outputs)
+        "inputs": sidecar.get("inputs"),
+        "originals": len(originals),
+        "quarantine_rows": len(sidecar["quarantine"]),
+        "repeated": sorted({t for t, n in Counter(originals).items() if n > 1})[:5],
     }
 
 
@@ -401,6 +473,15 @@ def _ray_process(row: dict[str, Any], job: ShardJob) -> dict[str, Any]:
 def _pool_rank(seed: int, entry: tuple[str, str]) -> int:
     digest = hashlib.sha256(f"{seed}\x00{entry[0]}\x00{entry[1]}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
+
+
+def text_usable(raw: dict[str, Any]) -> bool:
+    """Whether a listed task's id and text pass the reader's checks (pipeline/validate.py)."""
+    return (
+        id_error(raw["task_id"]) is None
+        and text_error(raw["phrase"]) is None
+        and structure_error(raw["phrase_structure"]) is None
+    )
 
 
 def negative_pool_for(
@@ -444,14 +525,15 @@ def listing_records(entries: Iterable[Any], config: PrepareConfig) -> Iterator[I
                 phrase_structure=raw["phrase_structure"],
             )
             for raw in entry.tasks
+            if text_usable(raw)  # the reader will quarantine the rest; their phrases must not spread
         ]
         meta = entry.meta or {}
         yield ImageRecord(
             source=config.source,
             image_id=entry.image_id,
             split=entry.split,
-            width=int(meta.get("width") or 0),
-            height=int(meta.get("height") or 0),
+            width=(meta_size(meta)[0] or (0, 0))[0],  # unchecked rows: the reader quarantines them
+            height=(meta_size(meta)[0] or (0, 0))[1],
             tasks=tasks,
         )
 
@@ -565,11 +647,19 @@ def write_outputs(
     fs, base = job.filesystem, job.base
     quarantine: list[dict[str, Any]] = []
     sizes: dict[str, int] = {}
+    seen: set[bytes] = set()  # 8-byte digests of the original task ids: ~70 B a task, not the ids
+    repeated: list[str] = []
     with shards.publishing(fs, shards.join(base, mf.MANIFEST), job.run_id) as stream:
         writer = pq.ParquetWriter(stream, mf.MANIFEST_SCHEMA)
         rows: list[dict[str, Any]] = []
         for plan in sorted(plans, key=lambda p: p.name):
             sidecar = json.loads(shards.read_bytes(fs, sidecar_path(base, plan.name)))
+            for row in sidecar["manifest"]:
+                if row["kind"] == "original":
+                    digest = hashlib.blake2b(row["task_id"].encode(), digest_size=8).digest()
+                    if digest in seen:
+                        repeated.append(row["task_id"])
+                    seen.add(digest)
             rows += mf.sort_rows(sidecar["manifest"])
             quarantine += sidecar["quarantine"]
             if sidecar["samples"]:
@@ -579,6 +669,11 @@ def write_outputs(
                 rows = []
         writer.write_table(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA))
         writer.close()
+        if repeated:  # raising here unpublishes the manifest: the folder stays unfinished
+            raise AccountingError(
+                "record accounting failed, not marking the job complete: task ids written more than once: "
+                f"{sorted(repeated)[:5]}"
+            )
         write_quarantine(shards.join(base, mf.QUARANTINE), quarantine, filesystem=fs)
         shards.write_json_atomic(fs, shards.join(base, mf.SUMMARY), summary, run_id=job.run_id)
     shards.write_json_atomic(fs, shards.join(base, mf.SIZES), dict(sorted(sizes.items())), run_id=job.run_id)
@@ -663,6 +758,7 @@ def _run_locked(
 
         _map_plans(plans, job, on_result, load=lambda plan: listing.packed(plan.images), check=lock.check)
         progress.close()
+        inputs = listing.num_tasks + listing.num_issues  # every record of the refer file, as input_records
 
     removed = remove_stale_shards(fs, base, config.split, plans)
     if removed:
@@ -671,7 +767,9 @@ def _run_locked(
     resumed = sum(r["resumed"] for r in ordered)
     processed = sum(r["images"] for r in ordered if not r["resumed"])
     seconds = time.perf_counter() - start
-    summary = summarize(ordered, config, seconds=seconds, resumed=resumed, processed=processed, cpus=cpus)
+    summary = summarize(
+        ordered, config, seconds=seconds, resumed=resumed, processed=processed, cpus=cpus, inputs=inputs
+    )
     write_outputs(plans, job, summary)
     log(summary_table(summary))
     return summary
@@ -685,9 +783,15 @@ def summarize(
     resumed: int = 0,
     processed: int | None = None,
     cpus: float | None = None,
+    inputs: int | None = None,
 ) -> dict[str, Any]:
     """Counts over all shards (resumed ones included, from :func:`shard_result`); rates over the images
-    this run processed."""
+    this run processed.
+
+    Raises :class:`AccountingError` unless every input record is accounted for (``check_accounting``):
+    the caller writes the completion markers only after this returns.
+    """
+    accounting = check_accounting(results, inputs)
     kinds: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     stats: Counter[str] = Counter()
@@ -708,6 +812,7 @@ def summarize(
         "tasks_per_kind": dict(sorted(kinds.items())),
         "quarantined": sum(reasons.values()),
         "quarantined_per_reason": dict(sorted(reasons.items())),
+        "accounting": accounting,
         "shards": sum(1 for r in results if r["samples"]),
         "shards_resumed": resumed,
         "bytes": sum(r["bytes"] for r in results),
@@ -725,12 +830,60 @@ def summarize(
     }
 
 
+class AccountingError(RuntimeError):
+    """Input records that are neither in the shards nor in the quarantine (or are in the shards twice)."""
+
+
+def check_accounting(sidecars: Sequence[dict[str, Any]], inputs: int | None = None) -> dict[str, int]:
+    """Prove that each input record is in the shards exactly once or in the quarantine, for the split.
+
+    ``inputs`` is the number of records the driver listed (tasks of the refer file, the ones the listing
+    set aside included); each sidecar also carries its own count. ``written`` counts manifest rows of kind
+    ``original`` (generated prompts are extra rows, not input records). Returns
+    ``{"inputs", "written", "quarantined"}`` with ``inputs == written + quarantined``, else raises.
+    """
+    problems = []
+    written = quarantined = listed = 0
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for s in sidecars:
+        if "manifest" in s:  # a whole sidecar
+            originals = [row["task_id"] for row in s["manifest"] if row["kind"] == "original"]
+            repeated.update(t for t in originals if t in seen)
+            seen.update(originals)
+            n_written, n_quarantined = len(originals), len(s["quarantine"])
+        else:  # a shard_result: counts only (repeats across shards: write_outputs)
+            repeated.update(s["repeated"])
+            n_written, n_quarantined = s["originals"], s["quarantine_rows"]
+        written += n_written
+        quarantined += n_quarantined
+        if s.get("inputs") is not None:
+            listed += s["inputs"]
+            if s["inputs"] != n_written + n_quarantined:
+                problems.append(
+                    f"shard {s['shard']}: {s['inputs']} input records, {n_written} written + "
+                    f"{n_quarantined} quarantined"
+                )
+    if inputs is None:
+        inputs = listed
+    if inputs != written + quarantined:
+        problems.append(f"{inputs} input records, {written} written + {quarantined} quarantined")
+    if repeated:
+        problems.append(f"task ids written more than once: {sorted(repeated)[:5]}")
+    if problems:
+        raise AccountingError(
+            "record accounting failed, not marking the job complete: " + "; ".join(problems)
+        )
+    return {"inputs": inputs, "written": written, "quarantined": quarantined}
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = [
         ("images", summary["images"]),
         ("tasks", summary["tasks"]),
     ]
     rows += [(f"  kind {k}", v) for k, v in summary["tasks_per_kind"].items()]
+    rows.append(("input records", summary["accounting"]["inputs"]))
     rows.append(("quarantined", summary["quarantined"]))
     rows += [(f"  {k}", v) for k, v in summary["quarantined_per_reason"].items()]
     rows += [
