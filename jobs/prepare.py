@@ -9,7 +9,11 @@ Launch::
     # or on a cluster: ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.prepare ...
 
 Without ``--ray-address`` a local Ray instance is started (all local CPUs, or ``--num-cpus``). Rerunning the
-same command after a crash resumes: finished shards are kept, the rest are written.
+same command after a crash resumes: finished shards whose sha256 still matches are kept, the rest are
+written. One run per output at a time: a second run on the same ``--out`` refuses to start (a lock file,
+``_prepare.lock``; on object stores a best-effort lock object with a heartbeat, see ``--break-lock``).
+The driver's memory does not grow with the dataset (the listing is streamed into SQLite under the
+system temp folder, about the refer file's size; set ``TMPDIR`` to move it).
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local instance")
     parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    parser.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="object stores: take over the output's lock although its heartbeat is recent "
+        "(only when you know that run is dead)",
+    )
     return parser.parse_args(argv)
 
 
@@ -85,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         max_pixels=args.max_pixels,
         max_image_bytes=args.max_image_bytes,
         progress_every=args.progress_every,
+        break_lock=args.break_lock,
         crash_shards=crash,
     )
 
@@ -93,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     """Shard a PhraseCut-layout folder into WebDataset tars + manifest (Ray Data)."""
     args = parse_args(argv)
     config = config_from_args(args)
+    from pipeline.runlock import OutputLocked, RunLock
+    from pipeline.shards import new_run_id, resolve
+
+    # Refuse before starting Ray when another run holds the output (run_prepare checks again, holding it).
+    fs, base = resolve(config.out)
+    try:
+        RunLock(fs, base, new_run_id(), break_lock=config.break_lock, settle=0.0).probe()
+    except OutputLocked as err:
+        print(f"segvlm prepare: {err}", file=sys.stderr)
+        return 3
     import ray
 
     started_here = not ray.is_initialized()
@@ -104,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cpus = ray.cluster_resources().get("CPU")
         run_prepare(config, cpus=cpus)
+    except OutputLocked as err:
+        print(f"segvlm prepare: {err}", file=sys.stderr)
+        return 3
     finally:
         if started_here:
             ray.shutdown()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -40,7 +39,6 @@ from pipeline.quarantine import (
     BAD_POLYGONS,
     BAD_SCHEMA,
     BAD_TEXT,
-    DUPLICATE_TASK_ID,
     EMPTY_PHRASE,
     IMAGE_TOO_LARGE,
     MISSING_IMAGE,
@@ -133,15 +131,13 @@ def merge_stats(*stats: dict[str, int]) -> dict[str, int]:
 
 
 def read_metadata(root: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """``{str(image_id): row}`` from ``image_data_split.json`` or ``image_data_split3000.json``."""
-    for name in METADATA_FILES:
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                rows = json.load(f)
-            # keyed by str so that "123" in a task and 123 in the metadata still meet
-            return {str(row["image_id"]): row for row in rows if isinstance(row, dict) and "image_id" in row}
-    raise FileNotFoundError(f"{root}: neither of {', '.join(METADATA_FILES)} exists")
+    """``{str(image_id): row}`` from ``image_data_split.json`` or ``image_data_split3000.json``.
+
+    Holds every row; the sharding job streams the file instead (:mod:`pipeline.listing`).
+    """
+    from pipeline.listing import iter_metadata
+
+    return dict(iter_metadata(root))
 
 
 _is_number = is_number  # finite, not a bool, not an int too large for a float
@@ -189,64 +185,13 @@ def list_images(root: str | os.PathLike[str], split: str) -> list[ImageEntry]:
 
     Schema errors and repeated task ids (the first occurrence is kept) are attached to the entries as
     quarantine rows; tasks that cannot even be grouped (no usable image_id) go to a final entry with
-    ``image_id=None``.
+    ``image_id=None``. Holds the whole split in memory: fine for tests and small splits; the sharding job
+    streams a :class:`pipeline.listing.Listing` instead.
     """
-    root = os.fspath(root)
-    source_file = f"refer_{split}.json"
-    metadata = read_metadata(root)
-    with open(os.path.join(root, source_file), encoding="utf-8") as f:
-        tasks = json.load(f)
-    if not isinstance(tasks, list):
-        raise ValueError(f"{root}/{source_file}: expected a list of tasks, got {type(tasks).__name__}")
+    from pipeline.listing import Listing
 
-    entries: dict[str, ImageEntry] = {}
-    orphans = ImageEntry(image_id=None, split=split, meta=None, tasks=[], source_file=source_file)
-    seen_task_ids: set[str] = set()
-    for index, task in enumerate(tasks):
-        image_id = task.get("image_id") if isinstance(task, dict) else None
-        groupable = isinstance(image_id, int | str) and not isinstance(image_id, bool)
-        if groupable:
-            key = str(image_id)
-            if key not in entries:
-                entries[key] = ImageEntry(
-                    image_id=image_id, split=split, meta=metadata.get(key), tasks=[], source_file=source_file
-                )
-            entry = entries[key]
-        else:
-            entry = orphans
-        task_id = task.get("task_id") if isinstance(task, dict) else None
-        record = task_id if isinstance(task_id, str) and task_id else f"#{index}"
-        error = _schema_error(task)
-        if error is not None:
-            entry.issues.append(
-                QuarantineRecord(
-                    source_file=source_file,
-                    record=record,
-                    reason=BAD_SCHEMA,
-                    detail=f"task #{index} in {source_file}: {error}",
-                    image_id=image_id if groupable else None,
-                    task_id=task_id if isinstance(task_id, str) else None,
-                )
-            )
-            continue
-        if task_id in seen_task_ids:
-            entry.issues.append(
-                QuarantineRecord(
-                    source_file=source_file,
-                    record=task_id,
-                    reason=DUPLICATE_TASK_ID,
-                    detail=f"task #{index} in {source_file} repeats task_id {task_id!r}; the first is kept",
-                    image_id=image_id,
-                    task_id=task_id,
-                )
-            )
-            continue
-        seen_task_ids.add(task_id)
-        entry.tasks.append(task)
-    result = list(entries.values())
-    if orphans.issues:
-        result.append(orphans)
-    return result
+    with Listing(root, split) as listing:
+        return list(listing.entries(order="first"))
 
 
 def _row(

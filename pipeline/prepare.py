@@ -1,45 +1,58 @@
-"""The sharding job: a PhraseCut-layout folder -> WebDataset shards + manifest, in parallel with Ray Data.
+"""The sharding job: a PhraseCut-layout folder -> WebDataset shards + manifest, in parallel on Ray.
 
 Plan on the driver, work in Ray tasks, record on the driver::
 
-    list_images (driver, metadata only)  ->  plan_shards: fixed groups of the key-sorted images
-    ray.data.from_items(one row per shard still to do)
-        .map(process_shard)          one Ray task per shard: read + validate (+ prompts) + write tar
-    driver: collect the small per-shard results -> quarantine.parquet -> manifest.parquet + sizes.json
+    lock the output; remove the completion markers of an earlier run and the temp files of a dead one
+    Listing (driver, streamed: tasks grouped per image in SQLite on local scratch, constant memory)
+      -> plan_listing: fixed groups of the key-sorted images (keys only)
+    per shard, at most ~2 per CPU in flight: read its tasks from the listing, ship them inside the
+    Ray task's arguments -> process_shard: verify a finished shard, or read + validate (+ prompts) +
+    write the tar and its sidecar
+    driver: stream the sidecars -> quarantine.parquet, summary.json -> manifest.parquet + sizes.json
 
 Image bytes never travel through the driver or the object store: each task reads its images from the
 source and writes its shard straight to the output filesystem, so the job scales with the cluster. On a
 multi-node cluster the source folder must be on a path every node sees (NFS, FSx, a mounted bucket: the
-reader uses plain file paths); the output may be any URI (``s3://``, ``gs://``) or such a shared path.
+reader uses plain file paths); the output may be any URI (``s3://``, ``gs://``) or such a shared path. The
+driver's memory does not grow with the dataset: the listing lives in SQLite, a bounded number of shards'
+tasks are in flight, results come back as counts, and the manifest is streamed from the sidecars.
 
-Crash safety and resume: a shard is written under a temp name and renamed; then a small sidecar
-``_parts/{shard}.json`` records what the shard holds (sample count, bytes, sha256, manifest and quarantine
-rows, reader stats) and the fingerprint of the settings that made it. On a rerun, a shard whose sidecar
-matches (same image keys, same settings, tar present with the recorded size) is skipped and its rows
-reused; temp leftovers are deleted. The manifest is assembled from sidecars only, so an interrupted run
-followed by a rerun gives the same manifest as an uninterrupted run.
+Reruns and concurrency: one run per output at a time (:mod:`pipeline.runlock`; a second run refuses). A run
+first deletes ``manifest.parquet``/``sizes.json``/``summary.json``/``quarantine.parquet``, so a folder it
+is rewriting never reads as finished. Temp names carry the run id; a run deletes the temp files of the
+run that held the lock before it (that run is over) and leaves any other temp file alone.
+
+Crash safety and resume: a shard is written under a temp name, fsynced (local disk) and renamed; then a
+small sidecar ``_parts/{shard}.json`` records what the shard holds (sample count, bytes, sha256, manifest
+and quarantine rows, reader stats) and the fingerprint of the settings that made it. On a rerun, a shard
+whose sidecar matches (same image keys, same settings) and whose tar has the recorded size and sha256 is
+kept and its rows reused; anything else is rewritten. The manifest is assembled from sidecars only, so an
+interrupted run followed by a rerun gives the same manifest as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import os
-import pickle
 import posixpath
-import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline import shards
+from pipeline.listing import ORPHANS_KEY, Listing, unpack
 from pipeline.progress import Progress, format_table
 from pipeline.quarantine import RECORD_ERROR
+from pipeline.runlock import RunLock
 from pipeline.schema import ImageRecord, QuarantineRecord, Task, make_key
 from pipeline.validate import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -55,7 +68,10 @@ from pipeline.validate import (
 PARTS_DIR = "_parts"
 DEFAULT_SHARD_SAMPLES = 1000
 SOURCES = ("phrasecut", "scenes")
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: negative pool drawn by hash rank (bounded memory), sidecars verified by sha256
+NEGATIVE_POOL_SIZE = 10000
+MAX_INFLIGHT_BYTES = 256 << 20  # task JSON of the shards in flight (PhraseCut: about 9 MB a shard)
+MARKERS = (mf.MANIFEST, mf.SIZES, mf.SUMMARY, mf.QUARANTINE)  # what a finished run writes last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +94,9 @@ class PrepareConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     progress_every: float = 5.0
+    # Take over the output's lock even though its holder looks alive (object stores: a crashed run's lock
+    # is otherwise honoured until its heartbeat is stale_after old).
+    break_lock: bool = False
     # Testing hook: shard indices whose task dies after half-writing its temp file (a simulated crash).
     crash_shards: tuple[int, ...] = ()
 
@@ -118,18 +137,20 @@ class PrepareConfig:
 
 @dataclasses.dataclass
 class ShardPlan:
-    """One shard to write: its index/name and the (key-sorted) reader entries that go in it."""
+    """One shard to write: its index/name, its (key-sorted) image keys, and their reader entries.
+
+    ``images`` are the listing's group ids of the keys (``None``: the orphans' entry); ``entries`` are
+    filled just before the shard is shipped to a worker (``ImageEntry`` or packed listing entries).
+    """
 
     index: int
     name: str
     keys: tuple[str, ...]
     entries: list[Any]
+    images: tuple[str | None, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------- planning
-
-
-ORPHANS_KEY = "~orphans"  # the reader's entry of tasks with no usable image_id; sorts after every key
 
 
 def entry_key(entry: Any, source: str) -> str:
@@ -147,6 +168,28 @@ def entry_size(entry: Any, root: str) -> int:
         return 0
 
 
+def group_keys(
+    sizes: Iterable[int | None], *, shard_samples: int | None = None, shard_bytes: int | None = None
+) -> Iterator[list[int]]:
+    """Positions of key-sorted items grouped into consecutive shards: fixed counts, or until
+    ``shard_bytes`` of source bytes is reached. ``sizes`` is only read with ``shard_bytes``."""
+    per = shard_samples or DEFAULT_SHARD_SAMPLES
+    current: list[int] = []
+    filled = 0
+    for i, size in enumerate(sizes):
+        current.append(i)
+        if shard_bytes is not None:
+            filled += size or 0
+            if filled >= shard_bytes:
+                yield current
+                current, filled = [], 0
+        elif len(current) == per:
+            yield current
+            current = []
+    if current:
+        yield current
+
+
 def plan_shards(
     entries: Sequence[Any],
     *,
@@ -159,35 +202,59 @@ def plan_shards(
     """Group key-sorted entries into consecutive shards: fixed counts, or until ``shard_bytes`` is reached.
 
     Depends only on the entries (and their source sizes), never on which records later fail, so a rerun
-    puts the same images in the same shard names.
+    puts the same images in the same shard names. (In memory: the job plans from a listing, see
+    :func:`plan_listing`, which gives the same plans.)
     """
+    if shard_bytes is not None and sizes is None:
+        raise ValueError("shard_bytes needs the entry sizes")
     order = sorted(range(len(entries)), key=lambda i: entry_key(entries[i], source))
-    groups: list[list[int]] = []
-    if shard_bytes is not None:
-        if sizes is None:
-            raise ValueError("shard_bytes needs the entry sizes")
-        current: list[int] = []
-        filled = 0
-        for i in order:
-            current.append(i)
-            filled += sizes[i]
-            if filled >= shard_bytes:
-                groups.append(current)
-                current, filled = [], 0
-        if current:
-            groups.append(current)
-    else:
-        per = shard_samples or DEFAULT_SHARD_SAMPLES
-        groups = [order[start : start + per] for start in range(0, len(order), per)]
+    ordered_sizes = (sizes[i] for i in order) if sizes is not None else (None for _ in order)
     return [
         ShardPlan(
             index=n,
             name=shards.shard_name(split, n),
-            keys=tuple(entry_key(entries[i], source) for i in group),
-            entries=[entries[i] for i in group],
+            keys=tuple(entry_key(entries[order[j]], source) for j in group),
+            entries=[entries[order[j]] for j in group],
+        )
+        for n, group in enumerate(
+            group_keys(ordered_sizes, shard_samples=shard_samples, shard_bytes=shard_bytes)
+        )
+    ]
+
+
+def plan_listing(listing: Listing, config: PrepareConfig) -> list[ShardPlan]:
+    """:func:`plan_shards` over a streamed listing: plans hold keys only (entries are loaded per shard)."""
+    root = config.root
+    keys: list[str] = []
+    images: list[str | None] = []
+    sizes: list[int] = []
+    for key, image, image_id in listing.images(order="key"):
+        keys.append(key)
+        images.append(image)
+        if config.shard_bytes is not None:
+            sizes.append(0 if image is None else _file_size(os.path.join(root, f"images/{image_id}.jpg")))
+    groups = group_keys(
+        sizes if config.shard_bytes is not None else (None for _ in keys),
+        shard_samples=config.shard_samples,
+        shard_bytes=config.shard_bytes,
+    )
+    return [
+        ShardPlan(
+            index=n,
+            name=shards.shard_name(config.split, n),
+            keys=tuple(keys[i] for i in group),
+            entries=[],
+            images=tuple(images[i] for i in group),
         )
         for n, group in enumerate(groups)
     ]
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 # ------------------------------------------------------------------------------------- per-shard work
@@ -195,7 +262,7 @@ def plan_shards(
 
 @dataclasses.dataclass(frozen=True)
 class ShardJob:
-    """What a worker needs besides its plan (picklable; shipped once per task by Ray)."""
+    """What a worker needs besides its plan (picklable; put in the object store once per run)."""
 
     root: str
     source: str
@@ -208,6 +275,8 @@ class ShardJob:
     seed: int = 0
     negative_pool: tuple[tuple[str, str], ...] = ()
     crash_shards: tuple[int, ...] = ()
+    run_id: str | None = None
+    split: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
@@ -226,6 +295,11 @@ def augment(record: ImageRecord, job: ShardJob) -> ImageRecord:
     )
 
 
+def _as_entry(entry: Any, job: ShardJob) -> Any:
+    """An ``ImageEntry``, from a packed listing entry (a tuple) when that is what was shipped."""
+    return unpack(entry, job.split, f"refer_{job.split}.json") if isinstance(entry, tuple) else entry
+
+
 def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
     """Read, validate (and augment) the plan's images, write its shard and sidecar; return the sidecar.
 
@@ -237,7 +311,10 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
     stats: Counter[str] = Counter()
-    for entry in plan.entries:
+    inputs = 0
+    for packed in plan.entries:
+        entry = _as_entry(packed, job)
+        inputs += input_records(entry)
         record, jpg, bad, entry_stats = load_image_record(
             job.root,
             entry,
@@ -265,9 +342,9 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
 
     path = shards.join(job.base, plan.name)
     if plan.index in job.crash_shards:
-        _simulate_crash(job.filesystem, path)
+        _simulate_crash(job.filesystem, path, job.run_id)
     if samples:
-        info = shards.write_shard(samples, job.filesystem, path)
+        info = shards.write_shard(samples, job.filesystem, path, run_id=job.run_id)
         shard_bytes, sha = info.bytes, info.sha256
     else:
         shard_bytes, sha = 0, ""  # every image quarantined: no tar, only the sidecar says so
@@ -281,12 +358,12 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
         "bytes": shard_bytes,
         "sha256": sha,
         "tasks": len(rows),
-        "inputs": sum(input_records(e) for e in plan.entries),
+        "inputs": inputs,
         "manifest": rows,
         "quarantine": [_jsonable(q) for q in quarantine],
         "stats": dict(sorted(stats.items())),
     }
-    shards.write_json_atomic(job.filesystem, sidecar_path(job.base, plan.name), sidecar)
+    shards.write_json_atomic(job.filesystem, sidecar_path(job.base, plan.name), sidecar, run_id=job.run_id)
     return sidecar
 
 
@@ -320,45 +397,82 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _simulate_crash(filesystem: pafs.FileSystem, path: str) -> None:
-    with filesystem.open_output_stream(f"{path}{shards.TMP_MARK}crashed") as stream:
+def _simulate_crash(filesystem: pafs.FileSystem, path: str, run_id: str | None) -> None:
+    with filesystem.open_output_stream(shards.temp_path(path, run_id)) as stream:
         stream.write(b"half a tar")
     raise RuntimeError(f"simulated crash while writing {posixpath.basename(path)}")
 
 
-def finished_sidecar(plan: ShardPlan, job: ShardJob) -> dict[str, Any] | None:
-    """The sidecar of a shard a previous run completed with the same inputs and settings, else None."""
+def finished_sidecar(plan: ShardPlan, job: ShardJob, *, verify: bool = True) -> dict[str, Any] | None:
+    """The sidecar of a shard a previous run completed with the same inputs and settings, else None.
+
+    With ``verify`` the tar is read back and its sha256 compared with the sidecar's: a shard whose bytes
+    changed (a bad disk, a partial copy, an edit) is rewritten even when its size is right.
+    """
     fs = job.filesystem
     try:
         sidecar = json.loads(shards.read_bytes(fs, sidecar_path(job.base, plan.name)))
     except (FileNotFoundError, OSError, ValueError):
         return None
     if (
-        sidecar.get("version") != SIDECAR_VERSION
+        not isinstance(sidecar, dict)
+        or sidecar.get("version") != SIDECAR_VERSION
         or sidecar.get("fingerprint") != job.fingerprint
         or tuple(sidecar.get("keys", ())) != plan.keys
     ):
         return None
     if sidecar["samples"]:
-        info = fs.get_file_info(shards.join(job.base, plan.name))
+        path = shards.join(job.base, plan.name)
+        info = fs.get_file_info(path)
         if info.type != pafs.FileType.File or info.size != sidecar["bytes"]:
+            return None
+        if verify and shards.file_sha256(fs, path) != (sidecar["bytes"], sidecar["sha256"]):
             return None
     return sidecar
 
 
+def shard_result(sidecar: dict[str, Any], *, resumed: bool) -> dict[str, Any]:
+    """The counts of a sidecar the driver keeps (its rows stay in the sidecar file)."""
+    originals = [row["task_id"] for row in sidecar["manifest"] if row["kind"] == "original"]
+    return {
+        "index": sidecar["index"],
+        "shard": sidecar["shard"],
+        "images": len(sidecar["keys"]),
+        "samples": sidecar["samples"],
+        "bytes": sidecar["bytes"],
+        "kinds": dict(Counter(row["kind"] for row in sidecar["manifest"])),
+        "reasons": dict(Counter(q["reason"] for q in sidecar["quarantine"])),
+        "stats": sidecar["stats"],
+        "resumed": resumed,
+        # record accounting (check_accounting): counts, and task ids repeated inside this shard (repeats
+        # across shards are caught while the manifest is streamed, see write_outputs)
+        "inputs": sidecar.get("inputs"),
+        "originals": len(originals),
+        "quarantine_rows": len(sidecar["quarantine"]),
+        "repeated": sorted({t for t, n in Counter(originals).items() if n > 1})[:5],
+    }
+
+
+def process_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
+    """One Ray task: keep a verified finished shard, or (re)build it; return its counts."""
+    done = finished_sidecar(plan, job)
+    if done is not None:
+        return shard_result(done, resumed=True)
+    return shard_result(build_shard(plan, job), resumed=False)
+
+
 def _ray_process(row: dict[str, Any], job: ShardJob) -> dict[str, Any]:
-    """Ray Data row UDF: unpickle our own plan (never foreign data), build the shard, return JSON."""
-    plan = pickle.loads(row["plan"])
-    return {"index": row["index"], "result": json.dumps(build_shard(plan, job))}
+    """The Ray task's function: ``row = {"index": shard index, "plan": ShardPlan}`` (looked up when the
+    job runs, so a test can wrap it to see where each shard's task ran)."""
+    return process_shard(row["plan"], job)
 
 
 # ------------------------------------------------------------------------------------------- driver
 
 
-def list_entries(config: PrepareConfig) -> list[Any]:
-    from pipeline.phrasecut import list_images
-
-    return list_images(config.root, config.split)
+def _pool_rank(seed: int, entry: tuple[str, str]) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{entry[0]}\x00{entry[1]}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def text_usable(raw: dict[str, Any]) -> bool:
@@ -370,19 +484,37 @@ def text_usable(raw: dict[str, Any]) -> bool:
     )
 
 
-def negative_pool_for(entries: Sequence[Any], config: PrepareConfig) -> tuple[tuple[str, str], ...]:
-    """Built once on the driver from the listing (phrases only, no images), shipped to every task."""
+def negative_pool_for(
+    entries: Iterable[Any], config: PrepareConfig, max_size: int = NEGATIVE_POOL_SIZE
+) -> tuple[tuple[str, str], ...]:
+    """(name, phrase) of at most ``max_size`` distinct original phrases of the listing, shipped to every task.
+
+    A bottom-k sample: the distinct entries with the smallest seeded hash rank. That is a uniform sample
+    of the distinct phrases drawn in ``O(max_size)`` memory, whatever the number of tasks (no set of every
+    phrase seen), and independent of the listing's order; the pool is ordered by rank.
+    """
     from pipeline import prompts
 
-    return tuple(
-        prompts.build_negative_pool(listing_records(entries, config), rng=random.Random(config.seed))
-    )
+    heap: list[tuple[int, tuple[str, str]]] = []  # (-rank, entry): the largest kept rank on top
+    kept: set[tuple[str, str]] = set()
+    for record in listing_records(entries, config):
+        for entry in prompts.negative_pool_entries(record.tasks):
+            if entry in kept:
+                continue
+            rank = _pool_rank(config.seed, entry)
+            if len(heap) < max_size:
+                heapq.heappush(heap, (-rank, entry))
+                kept.add(entry)
+            elif heap and rank < -heap[0][0]:
+                _, gone = heapq.heapreplace(heap, (-rank, entry))
+                kept.discard(gone)
+                kept.add(entry)
+    return tuple(entry for _, entry in sorted(heap, key=lambda item: (-item[0], item[1])))
 
 
-def listing_records(entries: Sequence[Any], config: PrepareConfig) -> list[ImageRecord]:
+def listing_records(entries: Iterable[Any], config: PrepareConfig) -> Iterator[ImageRecord]:
     """Phrase-only records from the listing (the pool needs phrases and names, not pixels or polygons)."""
-    records = []
-    for entry in sorted(entries, key=lambda e: entry_key(e, config.source)):
+    for entry in entries:
         if entry.image_id is None:
             continue
         tasks = [
@@ -396,30 +528,155 @@ def listing_records(entries: Sequence[Any], config: PrepareConfig) -> list[Image
             if text_usable(raw)  # the reader will quarantine the rest; their phrases must not spread
         ]
         meta = entry.meta or {}
-        records.append(
-            ImageRecord(
-                source=config.source,
-                image_id=entry.image_id,
-                split=entry.split,
-                width=(meta_size(meta)[0] or (0, 0))[0],  # unchecked rows: the reader quarantines them
-                height=(meta_size(meta)[0] or (0, 0))[1],
-                tasks=tasks,
-            )
+        yield ImageRecord(
+            source=config.source,
+            image_id=entry.image_id,
+            split=entry.split,
+            width=(meta_size(meta)[0] or (0, 0))[0],  # unchecked rows: the reader quarantines them
+            height=(meta_size(meta)[0] or (0, 0))[1],
+            tasks=tasks,
         )
-    return records
+
+
+def _packed_bytes(entries: Sequence[Any]) -> int:
+    """About the bytes a shard's packed entries take in the object store (0 for other entry types)."""
+    return sum(
+        sum(map(len, e[2])) + len(e[1] or "") + 200 * len(e[3]) if isinstance(e, tuple) else 0
+        for e in entries
+    )
 
 
 def _map_plans(
-    plans: Sequence[ShardPlan], job: ShardJob, on_result: Callable[[dict[str, Any]], None]
+    plans: Sequence[ShardPlan],
+    job: ShardJob,
+    on_result: Callable[[dict[str, Any]], None],
+    *,
+    load: Callable[[ShardPlan], list[Any]] | None = None,
+    check: Callable[[], None] = lambda: None,
+    window: int | None = None,
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
 ) -> None:
+    """Run :func:`process_shard` (via :func:`_ray_process`) for every plan as a Ray task, at most ``window`` (2 per CPU) in flight.
+
+    ``load`` fills a plan's entries just before it is submitted; they travel inside the task's arguments
+    (never via the driver's disk, which other nodes cannot see). The shards in flight also stay under
+    ``max_inflight_bytes`` of task JSON (one at least), so the driver's and the object store's share does
+    not grow with the cluster either. On a task error the others are cancelled and awaited, then it raises.
+    """
     import ray
 
-    items = [{"index": p.index, "plan": pickle.dumps(p)} for p in plans]
-    # One block per shard so every shard is its own Ray task (spread over the cluster).
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(_ray_process, fn_kwargs={"job": job}, num_cpus=1)
-    for row in ds.iter_rows():
-        on_result(json.loads(row["result"]))
+    if window is None:
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=1)(_ray_process)
+    job_ref = ray.put(job)
+    pending: dict[Any, int] = {}  # ref -> bytes of its arguments
+    inflight = 0
+    todo = iter(plans)
+    upcoming: ShardPlan | None = None
+    try:
+        while True:
+            while len(pending) < window:
+                if upcoming is None:
+                    plan = next(todo, None)
+                    if plan is None:
+                        break
+                    upcoming = dataclasses.replace(plan, entries=load(plan)) if load is not None else plan
+                size = _packed_bytes(upcoming.entries)
+                if pending and inflight + size > max_inflight_bytes:
+                    break
+                pending[remote.remote({"index": upcoming.index, "plan": upcoming}, job_ref)] = size
+                inflight += size
+                upcoming = None
+            if not pending:
+                return
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                inflight -= pending.pop(ref)
+                on_result(ray.get(ref))
+            check()
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        if pending:  # a cancelled task may be writing: wait, so the caller's cleanup sees the final state
+            ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        raise
+
+
+def remove_markers(filesystem: pafs.FileSystem, base: str) -> list[str]:
+    """Delete the completion markers of an earlier run (manifest and sizes first): until this run writes
+    them again, the folder reads as unfinished, whatever happens in between."""
+    removed = []
+    for name in MARKERS:
+        path = shards.join(base, name)
+        if shards.exists(filesystem, path):
+            filesystem.delete_file(path)
+            removed.append(name)
+    return removed
+
+
+def remove_stale_shards(
+    filesystem: pafs.FileSystem, base: str, split: str, plans: Sequence[ShardPlan]
+) -> list[str]:
+    """Shards (and sidecars) of this split that the plan does not name: left by an earlier, larger run."""
+    wanted = {p.name for p in plans}
+    removed = []
+    for path in shards.list_shards(base, split, filesystem):
+        if posixpath.basename(path) not in wanted:
+            filesystem.delete_file(path)
+            removed.append(posixpath.basename(path))
+    for info in filesystem.get_file_info(
+        pafs.FileSelector(shards.join(base, PARTS_DIR), allow_not_found=True)
+    ):
+        name = info.base_name.removesuffix(".json")
+        parsed = shards.parse_shard_name(name)
+        if info.type == pafs.FileType.File and parsed and parsed[0] == split and name not in wanted:
+            filesystem.delete_file(info.path)
+    return removed
+
+
+def write_outputs(
+    plans: Sequence[ShardPlan], job: ShardJob, summary: dict[str, Any], *, batch_rows: int = 8192
+) -> None:
+    """Quarantine, summary, then manifest and sizes (the completion markers), streamed from the sidecars.
+
+    The manifest goes to its temp name shard by shard (rows in canonical order: shards in name order,
+    rows sorted inside each) and is published after the quarantine and summary.
+    """
+    from pipeline.quarantine import write_quarantine
+
+    fs, base = job.filesystem, job.base
+    quarantine: list[dict[str, Any]] = []
+    sizes: dict[str, int] = {}
+    seen: set[bytes] = set()  # 8-byte digests of the original task ids: ~70 B a task, not the ids
+    repeated: list[str] = []
+    with shards.publishing(fs, shards.join(base, mf.MANIFEST), job.run_id) as stream:
+        writer = pq.ParquetWriter(stream, mf.MANIFEST_SCHEMA)
+        rows: list[dict[str, Any]] = []
+        for plan in sorted(plans, key=lambda p: p.name):
+            sidecar = json.loads(shards.read_bytes(fs, sidecar_path(base, plan.name)))
+            for row in sidecar["manifest"]:
+                if row["kind"] == "original":
+                    digest = hashlib.blake2b(row["task_id"].encode(), digest_size=8).digest()
+                    if digest in seen:
+                        repeated.append(row["task_id"])
+                    seen.add(digest)
+            rows += mf.sort_rows(sidecar["manifest"])
+            quarantine += sidecar["quarantine"]
+            if sidecar["samples"]:
+                sizes[plan.name] = sidecar["samples"]
+            if len(rows) >= batch_rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA))
+                rows = []
+        writer.write_table(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA))
+        writer.close()
+        if repeated:  # raising here unpublishes the manifest: the folder stays unfinished
+            raise AccountingError(
+                "record accounting failed, not marking the job complete: task ids written more than once: "
+                f"{sorted(repeated)[:5]}"
+            )
+        write_quarantine(shards.join(base, mf.QUARANTINE), quarantine, filesystem=fs)
+        shards.write_json_atomic(fs, shards.join(base, mf.SUMMARY), summary, run_id=job.run_id)
+    shards.write_json_atomic(fs, shards.join(base, mf.SIZES), dict(sorted(sizes.items())), run_id=job.run_id)
 
 
 def run_prepare(
@@ -429,92 +686,97 @@ def run_prepare(
     log: Callable[[str], None] = print,
     cpus: float | None = None,
 ) -> dict[str, Any]:
-    """Run the job on the current Ray instance (the caller starts it); return the summary dict."""
+    """Run the job on the current Ray instance (the caller starts it); return the summary dict.
+
+    Raises :class:`pipeline.runlock.OutputLocked` when another run is writing to the same output.
+    """
     start = time.perf_counter()
     fs, base = shards.resolve(config.out, filesystem)
-    fs.create_dir(base, recursive=True)
-    removed = shards.remove_temp_files(fs, base)
+    run_id = shards.new_run_id()
+    lock = RunLock(fs, base, run_id, break_lock=config.break_lock).acquire()
+    try:
+        summary = _run_locked(config, fs, base, run_id, lock, log, cpus, start)
+    except BaseException:
+        lock.release("failed")
+        raise
+    lock.release()
+    return summary
+
+
+def _run_locked(
+    config: PrepareConfig,
+    fs: pafs.FileSystem,
+    base: str,
+    run_id: str,
+    lock: RunLock,
+    log: Callable[[str], None],
+    cpus: float | None,
+    start: float,
+) -> dict[str, Any]:
+    removed_markers = remove_markers(fs, base)
+    if removed_markers:
+        log(f"prepare: removed the completion markers of an earlier run ({', '.join(removed_markers)})")
+    previous = (lock.previous or {}).get("run_id")
+    if isinstance(previous, str):
+        removed = shards.remove_temp_files(fs, base, run_ids=[previous])
+        if removed:
+            log(f"prepare: removed {len(removed)} temp file(s) left by run {previous}")
+    foreign = shards.temp_files(fs, base)
+    if foreign:
+        log(f"prepare: left {len(foreign)} temp file(s) of other writers in place (e.g. {foreign[0]})")
+
+    with Listing(config.root, config.split, source=config.source) as listing:
+        plans = plan_listing(listing, config)
+        pool: tuple[tuple[str, str], ...] = ()
+        if config.synthetic_prompts:
+            pool = negative_pool_for(listing.entries(order="key"), config)
+        job = ShardJob(
+            root=os.path.abspath(config.root),
+            source=config.source,
+            max_side=config.max_side,
+            fingerprint=config.fingerprint(),
+            filesystem=fs,
+            base=base,
+            synthetic_prompts=config.synthetic_prompts,
+            prompt_rates=dict(config.prompt_rates or {}),
+            seed=config.seed,
+            negative_pool=pool,
+            crash_shards=tuple(config.crash_shards),
+            run_id=run_id,
+            split=config.split,
+        )
+        log(
+            f"prepare: {len(listing)} images ({listing.num_tasks} tasks) in {len(plans)} shards "
+            f"-> {config.out} (run {run_id})"
+        )
+        results: dict[int, dict[str, Any]] = {}
+        progress = Progress(len(listing), label="prepare", unit="images", every=config.progress_every)
+
+        def on_result(result: dict[str, Any]) -> None:
+            results[result["index"]] = result
+            progress.update(result["images"], shards=f"{len(results)}/{len(plans)}")
+
+        _map_plans(plans, job, on_result, load=lambda plan: listing.packed(plan.images), check=lock.check)
+        progress.close()
+        inputs = listing.num_tasks + listing.num_issues  # every record of the refer file, as input_records
+
+    removed = remove_stale_shards(fs, base, config.split, plans)
     if removed:
-        log(f"prepare: removed {len(removed)} temp file(s) left by an interrupted run")
-
-    entries = list_entries(config)
-    sizes = [entry_size(e, config.root) for e in entries] if config.shard_bytes else None
-    plans = plan_shards(
-        entries,
-        source=config.source,
-        split=config.split,
-        shard_samples=config.shard_samples,
-        shard_bytes=config.shard_bytes,
-        sizes=sizes,
-    )
-    pool = negative_pool_for(entries, config) if config.synthetic_prompts else ()
-    job = ShardJob(
-        root=os.path.abspath(config.root),
-        source=config.source,
-        max_side=config.max_side,
-        fingerprint=config.fingerprint(),
-        filesystem=fs,
-        base=base,
-        synthetic_prompts=config.synthetic_prompts,
-        prompt_rates=dict(config.prompt_rates or {}),
-        seed=config.seed,
-        negative_pool=pool,
-        crash_shards=tuple(config.crash_shards),
-        max_pixels=config.max_pixels,
-        max_image_bytes=config.max_image_bytes,
-    )
-
-    results: dict[int, dict[str, Any]] = {}
-    todo = []
-    for plan in plans:
-        done = finished_sidecar(plan, job)
-        if done is None:
-            todo.append(plan)
-        else:
-            results[plan.index] = done
-    resumed = len(results)
-    log(
-        f"prepare: {len(entries)} images in {len(plans)} shards; {resumed} already complete, "
-        f"{len(todo)} to write -> {config.out}"
-    )
-    progress = Progress(
-        sum(len(p.entries) for p in todo), label="prepare", unit="images", every=config.progress_every
-    )
-
-    def on_result(sidecar: dict[str, Any]) -> None:
-        results[sidecar["index"]] = sidecar
-        progress.update(len(sidecar["keys"]), shards=f"{len(results)}/{len(plans)}")
-
-    if todo:
-        _map_plans(todo, job, on_result)
-    progress.close()
-
-    # Last: quarantine, then manifest + sizes (the completion markers), all from the sidecars.
+        log(f"prepare: removed {len(removed)} shard(s) of an earlier, larger run")
     ordered = [results[p.index] for p in plans]
-    from pipeline.quarantine import write_quarantine
-
-    quarantine = [q for s in ordered for q in s["quarantine"]]
-    write_quarantine(shards.join(base, mf.QUARANTINE), quarantine, filesystem=fs)
+    resumed = sum(r["resumed"] for r in ordered)
+    processed = sum(r["images"] for r in ordered if not r["resumed"])
     seconds = time.perf_counter() - start
-    processed = sum(len(p.entries) for p in todo)
     summary = summarize(
-        ordered,
-        config,
-        seconds=seconds,
-        resumed=resumed,
-        processed=processed,
-        cpus=cpus,
-        inputs=sum(input_records(e) for e in entries),
+        ordered, config, seconds=seconds, resumed=resumed, processed=processed, cpus=cpus, inputs=inputs
     )
-    shards.write_json_atomic(fs, shards.join(base, mf.SUMMARY), summary)
-    rows = [row for s in ordered for row in s["manifest"]]
-    mf.write_manifest(fs, base, rows, {s["shard"]: s["samples"] for s in ordered if s["samples"]})
+    write_outputs(plans, job, summary)
     log(summary_table(summary))
     return summary
 
 
 def summarize(
-    sidecars: Sequence[dict[str, Any]],
+    results: Sequence[dict[str, Any]],
     config: PrepareConfig,
     *,
     seconds: float,
@@ -523,21 +785,22 @@ def summarize(
     cpus: float | None = None,
     inputs: int | None = None,
 ) -> dict[str, Any]:
-    """Counts over all shards (resumed ones included); rates over the images this run processed.
+    """Counts over all shards (resumed ones included, from :func:`shard_result`); rates over the images
+    this run processed.
 
     Raises :class:`AccountingError` unless every input record is accounted for (``check_accounting``):
     the caller writes the completion markers only after this returns.
     """
-    accounting = check_accounting(sidecars, inputs)
+    accounting = check_accounting(results, inputs)
     kinds: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     stats: Counter[str] = Counter()
-    for s in sidecars:
-        kinds.update(row["kind"] for row in s["manifest"])
-        reasons.update(q["reason"] for q in s["quarantine"])
-        stats.update(s["stats"])
-    images = sum(s["samples"] for s in sidecars)
-    listed = sum(len(s["keys"]) for s in sidecars)
+    for r in results:
+        kinds.update(r["kinds"])
+        reasons.update(r["reasons"])
+        stats.update(r["stats"])
+    images = sum(r["samples"] for r in results)
+    listed = sum(r["images"] for r in results)
     processed = listed if processed is None else processed
     rate = round(processed / seconds, 2) if seconds > 0 else None
     return {
@@ -550,9 +813,9 @@ def summarize(
         "quarantined": sum(reasons.values()),
         "quarantined_per_reason": dict(sorted(reasons.items())),
         "accounting": accounting,
-        "shards": sum(1 for s in sidecars if s["samples"]),
+        "shards": sum(1 for r in results if r["samples"]),
         "shards_resumed": resumed,
-        "bytes": sum(s["bytes"] for s in sidecars),
+        "bytes": sum(r["bytes"] for r in results),
         "reader_stats": dict(sorted(stats.items())),
         "seconds": round(seconds, 3),
         "images_processed": processed,
@@ -584,17 +847,22 @@ def check_accounting(sidecars: Sequence[dict[str, Any]], inputs: int | None = No
     seen: set[str] = set()
     repeated: set[str] = set()
     for s in sidecars:
-        originals = [row["task_id"] for row in s["manifest"] if row["kind"] == "original"]
-        repeated.update(t for t in originals if t in seen)
-        seen.update(originals)
-        written += len(originals)
-        quarantined += len(s["quarantine"])
-        if "inputs" in s:
+        if "manifest" in s:  # a whole sidecar
+            originals = [row["task_id"] for row in s["manifest"] if row["kind"] == "original"]
+            repeated.update(t for t in originals if t in seen)
+            seen.update(originals)
+            n_written, n_quarantined = len(originals), len(s["quarantine"])
+        else:  # a shard_result: counts only (repeats across shards: write_outputs)
+            repeated.update(s["repeated"])
+            n_written, n_quarantined = s["originals"], s["quarantine_rows"]
+        written += n_written
+        quarantined += n_quarantined
+        if s.get("inputs") is not None:
             listed += s["inputs"]
-            if s["inputs"] != len(originals) + len(s["quarantine"]):
+            if s["inputs"] != n_written + n_quarantined:
                 problems.append(
-                    f"shard {s['shard']}: {s['inputs']} input records, {len(originals)} written + "
-                    f"{len(s['quarantine'])} quarantined"
+                    f"shard {s['shard']}: {s['inputs']} input records, {n_written} written + "
+                    f"{n_quarantined} quarantined"
                 )
     if inputs is None:
         inputs = listed

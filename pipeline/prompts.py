@@ -58,7 +58,7 @@ import dataclasses
 import itertools
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from pipeline.schema import ImageRecord, Task
@@ -546,6 +546,13 @@ def _draw_count(rate: float, rng: random.Random) -> int:
 # --------------------------------------------------------------------------------------------- API
 
 
+def negative_pool_entries(tasks: Iterable[Task]) -> Iterator[tuple[str, str]]:
+    """(name, phrase) of each original task with a phrase: what a negative pool draws from."""
+    for task in tasks:
+        if task.kind == "original" and task.phrase.strip():
+            yield (_name(task.phrase_structure) or task.phrase.strip(), task.phrase.strip())
+
+
 def build_negative_pool(
     records: Iterable[ImageRecord], max_size: int = 10000, rng: random.Random | None = None
 ) -> list[tuple[str, str]]:
@@ -563,10 +570,7 @@ def build_negative_pool(
     seen: set[tuple[str, str]] = set()
     count = 0
     for record in records:
-        for task in record.tasks:
-            if task.kind != "original" or not task.phrase.strip():
-                continue
-            entry = (_name(task.phrase_structure) or task.phrase.strip(), task.phrase.strip())
+        for entry in negative_pool_entries(record.tasks):
             if entry in seen:
                 continue
             seen.add(entry)

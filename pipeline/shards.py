@@ -2,9 +2,15 @@
 
 A shard ``{split}-{000000}.tar`` holds one sample per image (SPEC 3.2): ``{key}.jpg`` (the bytes) and
 ``{key}.json`` (``ImageRecord.to_json()``, via the faster equivalent :func:`record_json`). Writes go to ``{name}.tmp-<uuid>`` and are renamed when the tar
-is complete, so a crash never leaves a final name pointing at a truncated tar. On object stores (S3, GCS)
+is complete, so a crash never leaves a final name pointing at a truncated tar. On a local disk the temp file
+is fsynced before the rename (and the folder after it), so a power cut cannot publish a name whose bytes
+never reached the disk. On object stores (S3, GCS) an object exists only once its upload completed, and
 a rename is a server-side copy plus a delete: still atomic from a reader's point of view (the final object
 appears whole or not at all) but it costs one extra copy of the shard.
+
+Temp names carry the id of the run that writes them, ``{name}.tmp-{run_id}-{random}``, so a job cleaning
+up after a crashed run removes that run's leftovers only (:func:`remove_temp_files`), never the files
+another live writer is still producing.
 
 Output locations are a local folder or a URI: ``pyarrow.fs.FileSystem.from_uri`` schemes (``s3://``,
 ``gs://``, ``hdfs://``, ``file://``, ``mock://``) and, as a fallback, any fsspec protocol (``memory://``,
@@ -37,6 +43,7 @@ _MTIME = 0
 _MODE = 0o444
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
 TMP_MARK = ".tmp-"
+_TEMP_NAME = re.compile(r"\.tmp-(?P<run>[0-9a-f]{12})-[0-9a-z]+$")
 EXPECTED_EXTENSIONS = ("jpg", "json")
 
 
@@ -93,6 +100,71 @@ def _fsspec(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def new_run_id() -> str:
+    """A fresh id for one run of a job: 12 hex digits, the form temp names carry."""
+    return uuid.uuid4().hex[:12]
+
+
+def temp_path(path: str, run_id: str | None = None) -> str:
+    """``{path}.tmp-{run_id}-{random}``: where a write of ``path`` by run ``run_id`` goes first."""
+    if run_id is not None and not re.fullmatch(r"[0-9a-f]{12}", run_id):
+        raise ValueError(f"run_id must be 12 hex digits, got {run_id!r}")
+    return f"{path}{TMP_MARK}{run_id or new_run_id()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_owner(name: str) -> str | None:
+    """The run id in a temp file's name, or None when the name is not one of ours."""
+    match = _TEMP_NAME.search(name)
+    return match["run"] if match else None
+
+
+def local_path(filesystem: pafs.FileSystem, path: str) -> str | None:
+    """The OS path behind ``path`` when ``filesystem`` is the local disk (maybe under a SubTree), else None."""
+    if isinstance(filesystem, pafs.SubTreeFileSystem):
+        inner = local_path(filesystem.base_fs, filesystem.base_path)
+        return None if inner is None else os.path.join(inner, path.lstrip("/"))
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return path
+    return None
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def publishing(filesystem: pafs.FileSystem, path: str, run_id: str | None = None) -> Iterator:
+    """Write to a temp name, publish as ``path`` when the block ends without error (else delete the temp).
+
+    Yields a binary stream. Local disk: the file is fsynced, renamed, and its folder fsynced. Other
+    filesystems: the upload completes when the stream closes, then the object is moved to ``path``.
+    """
+    parent = posixpath.dirname(path)
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+    tmp = temp_path(path, run_id)
+    local_tmp, local_final = local_path(filesystem, tmp), local_path(filesystem, path)
+    try:
+        if local_tmp is not None and local_final is not None:
+            with open(local_tmp, "xb") as stream:
+                yield stream
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(local_tmp, local_final)
+            _fsync_dir(os.path.dirname(local_final))
+        else:
+            with filesystem.open_output_stream(tmp) as stream:
+                yield stream
+            filesystem.move(tmp, path)
+    except BaseException:
+        _delete_quietly(filesystem, tmp)
+        raise
+
+
 def join(base: str, *parts: str) -> str:
     """pyarrow filesystems use ``/`` separators everywhere."""
     return posixpath.join(base, *parts)
@@ -146,33 +218,29 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 
 
 def write_shard(
-    samples: Iterable[tuple[ImageRecord, bytes]], filesystem: pafs.FileSystem, path: str
+    samples: Iterable[tuple[ImageRecord, bytes]],
+    filesystem: pafs.FileSystem,
+    path: str,
+    *,
+    run_id: str | None = None,
 ) -> ShardInfo:
     """Write ``samples`` sorted by key to ``path`` atomically (temp name, then rename); return its info.
 
-    Duplicate keys raise: they would silently merge into one WebDataset sample when read.
+    ``run_id`` goes into the temp name (see the module docstring). Duplicate keys raise: they would
+    silently merge into one WebDataset sample when read.
     """
     ordered = sorted(samples, key=lambda sample: sample[0].key)
     keys = [record.key for record, _ in ordered]
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate keys in shard {path}")
-    parent = posixpath.dirname(path)
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-    try:
-        with filesystem.open_output_stream(tmp) as stream:
-            sink = _HashingWriter(stream)
-            # GNU format without pax headers: no per-file timestamps or user names sneak in.
-            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-                for record, jpg in ordered:
-                    payload = record_json(record)
-                    tar.addfile(_member(f"{record.key}.jpg", len(jpg)), io.BytesIO(jpg))
-                    tar.addfile(_member(f"{record.key}.json", len(payload)), io.BytesIO(payload))
-        filesystem.move(tmp, path)
-    except BaseException:
-        _delete_quietly(filesystem, tmp)
-        raise
+    with publishing(filesystem, path, run_id) as stream:
+        sink = _HashingWriter(stream)
+        # GNU format without pax headers: no per-file timestamps or user names sneak in.
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+            for record, jpg in ordered:
+                payload = record_json(record)
+                tar.addfile(_member(f"{record.key}.jpg", len(jpg)), io.BytesIO(jpg))
+                tar.addfile(_member(f"{record.key}.json", len(payload)), io.BytesIO(payload))
     return ShardInfo(
         name=posixpath.basename(path),
         path=path,
@@ -181,6 +249,17 @@ def write_shard(
         sha256=sink.sha.hexdigest(),
         keys=tuple(keys),
     )
+
+
+def file_sha256(filesystem: pafs.FileSystem, path: str, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, streamed: how a resumed job checks a shard it did not write."""
+    digest = hashlib.sha256()
+    size = 0
+    with filesystem.open_input_stream(path) as stream:
+        while data := stream.read(chunk):
+            digest.update(data)
+            size += len(data)
+    return size, digest.hexdigest()
 
 
 def _delete_quietly(filesystem: pafs.FileSystem, path: str) -> None:
@@ -259,35 +338,55 @@ def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
-def write_bytes_atomic(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Small files (sidecars, sizes.json, manifest): temp name, then rename, as for shards."""
-    parent = posixpath.dirname(path)
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-    try:
-        with filesystem.open_output_stream(tmp) as stream:
-            stream.write(data)
-        filesystem.move(tmp, path)
-    except BaseException:
-        _delete_quietly(filesystem, tmp)
-        raise
+def write_bytes_atomic(
+    filesystem: pafs.FileSystem, path: str, data: bytes, *, run_id: str | None = None
+) -> None:
+    """Small files (sidecars, sizes.json, manifest): temp name, fsync, rename, as for shards."""
+    with publishing(filesystem, path, run_id) as stream:
+        stream.write(data)
 
 
-def write_json_atomic(filesystem: pafs.FileSystem, path: str, data: object) -> None:
-    write_bytes_atomic(filesystem, path, json.dumps(data, indent=1, sort_keys=True).encode())
+def write_json_atomic(
+    filesystem: pafs.FileSystem, path: str, data: object, *, run_id: str | None = None
+) -> None:
+    write_bytes_atomic(filesystem, path, json.dumps(data, indent=1, sort_keys=True).encode(), run_id=run_id)
 
 
 def exists(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type == pafs.FileType.File
 
 
-def remove_temp_files(filesystem: pafs.FileSystem, base: str, recursive: bool = True) -> list[str]:
-    """Delete ``*.tmp-*`` leftovers of a crashed run; returns what was removed."""
+def remove_temp_files(
+    filesystem: pafs.FileSystem,
+    base: str,
+    recursive: bool = True,
+    *,
+    run_ids: Iterable[str] | None = None,
+) -> list[str]:
+    """Delete temp leftovers under ``base``; returns what was removed.
+
+    With ``run_ids``, only the temp files those runs wrote (``*.tmp-{run_id}-*``): the caller knows those
+    runs are over (a job holding the output's lock, cleaning up after the run it took over from). Without
+    it, every ``*.tmp-*`` file: only for a caller that knows no other writer can be at work here.
+    """
+    owners = None if run_ids is None else set(run_ids)
     selector = pafs.FileSelector(base, allow_not_found=True, recursive=recursive)
     removed = []
     for info in filesystem.get_file_info(selector):
-        if info.type == pafs.FileType.File and TMP_MARK in info.base_name:
-            _delete_quietly(filesystem, info.path)
-            removed.append(info.path)
+        if info.type != pafs.FileType.File or TMP_MARK not in info.base_name:
+            continue
+        if owners is not None and temp_owner(info.base_name) not in owners:
+            continue
+        _delete_quietly(filesystem, info.path)
+        removed.append(info.path)
     return sorted(removed)
+
+
+def temp_files(filesystem: pafs.FileSystem, base: str, recursive: bool = True) -> list[str]:
+    """Every ``*.tmp-*`` file under ``base`` (whoever wrote it)."""
+    selector = pafs.FileSelector(base, allow_not_found=True, recursive=recursive)
+    return sorted(
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File and TMP_MARK in info.base_name
+    )
