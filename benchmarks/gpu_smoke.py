@@ -25,6 +25,7 @@ and the evaluation; plus ``ratios`` (segvlm_b16 over hf_clipseg).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -52,18 +53,23 @@ PHASES = ("data_wait", "forward", "backward", "optimizer")
 def prepare_in_process(scenes: Path, split: str, out: Path, shard_samples: int) -> int:
     """Shard one split of a scenes folder as ``segvlm prepare`` does, without Ray: the same planning, the same
     ``build_shard`` a prepare task runs, the same manifest and sizes. Returns the number of samples."""
-    from pipeline import manifest, shards
-    from pipeline.prepare import PrepareConfig, ShardJob, build_shard, list_entries, plan_shards
+    from pipeline import shards
+    from pipeline.listing import Listing
+    from pipeline.prepare import (
+        PrepareConfig,
+        ShardJob,
+        build_shard,
+        plan_listing,
+        shard_result,
+        summarize,
+        write_outputs,
+    )
 
     config = PrepareConfig(
         source="scenes", root=str(scenes), split=split, out=str(out), shard_samples=shard_samples
     )
     fs, base = shards.resolve(config.out, None)
     fs.create_dir(base, recursive=True)
-    entries = list_entries(config)
-    plans = plan_shards(
-        entries, source="scenes", split=split, shard_samples=shard_samples, shard_bytes=None, sizes=None
-    )
     job = ShardJob(
         root=str(scenes.resolve()),
         source="scenes",
@@ -71,11 +77,18 @@ def prepare_in_process(scenes: Path, split: str, out: Path, shard_samples: int) 
         fingerprint=config.fingerprint(),
         filesystem=fs,
         base=base,
+        split=split,
     )
-    sidecars = [build_shard(plan, job) for plan in plans]
-    rows = [row for sidecar in sidecars for row in sidecar["manifest"]]
+    with Listing(config.root, split, source="scenes") as listing:
+        plans = [
+            dataclasses.replace(p, entries=listing.packed(p.images)) for p in plan_listing(listing, config)
+        ]
+        sidecars = [build_shard(plan, job) for plan in plans]
+        inputs = listing.num_tasks + listing.num_issues
+    results = [shard_result(sidecar, resumed=False) for sidecar in sidecars]
+    summary = summarize(results, config, seconds=0.0, resumed=0, processed=len(plans), inputs=inputs)
+    write_outputs(plans, job, summary)
     sizes = {s["shard"]: s["samples"] for s in sidecars if s["samples"]}
-    manifest.write_manifest(fs, base, rows, sizes)
     return sum(sizes.values())
 
 

@@ -744,6 +744,8 @@ def _run_locked(
             crash_shards=tuple(config.crash_shards),
             run_id=run_id,
             split=config.split,
+            max_pixels=config.max_pixels,
+            max_image_bytes=config.max_image_bytes,
         )
         log(
             f"prepare: {len(listing)} images ({listing.num_tasks} tasks) in {len(plans)} shards "

@@ -206,3 +206,19 @@ def test_synthetic_prompts_are_seeded_and_indexed(ray_local, scenes_root, tmp_pa
     assert config.prompt_rates == DEFAULT_RATES
     kinds = run_prepare(config, log=lambda _: None)["tasks_per_kind"]
     assert kinds.get("template", 0) > 0.8 * kinds["original"] and kinds.get("negative", 0) > 0, kinds
+
+
+def test_configured_pixel_limit_reaches_the_workers(ray_local, scenes_root, tmp_path):
+    """``PrepareConfig.max_pixels`` is what each shard task checks: 96×96 scenes (9,216 pixels) under a
+    limit of 9,000 are all quarantined as too large, with the limit in the detail."""
+    out = str(tmp_path / "out")
+    summary = run_prepare(
+        PrepareConfig(
+            source="scenes", root=scenes_root, split="train", out=out, shard_samples=12, max_pixels=9000
+        ),
+        log=lambda _: None,
+    )
+    rows = read_quarantine(os.path.join(out, mf.QUARANTINE))
+    assert summary["images"] == 0 and rows
+    assert {row["reason"] for row in rows} == {"image_too_large"}
+    assert all("9000" in row["detail"] for row in rows)
