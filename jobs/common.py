@@ -49,7 +49,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in _QUIET_ENV if k in os.environ}
+    from pipeline.storage import forwarded_env
+
+    # + the object-store endpoint and region (not credentials), so workers on every node reach the same S3
+    env_vars = {k: os.environ[k] for k in _QUIET_ENV if k in os.environ} | forwarded_env()
     runtime_env = {"env_vars": env_vars}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
