@@ -9,6 +9,10 @@ mask + caption) and the raw logits at the model's input size as a float32 ``.npy
 (``mask == bilinear(sigmoid(logits), H×W) > threshold``; the threshold is the checkpoint's, chosen on
 validation, unless ``--threshold`` is given). Every output is written under a temporary name and renamed, so
 a reader never sees half a file. Bad inputs exit with code 2 and a one-line message.
+
+The model ``segvlm train`` registers in MLflow serves the same mask over HTTP (``mlflow models serve``):
+the image's bytes go through the same decoding and ``segvlm.inference.segment``, and the PNG it returns
+(base64) is this command's ``--out`` file; request and response format in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        epilog=(
+            "The registered MLflow model answers POST /invocations with the same mask: send "
+            '{"dataframe_records": [{"image_b64": <base64 of the image file>, "phrase": "...", '
+            '"threshold": <optional>}]} and read predictions[i].mask_png_b64 (this --out PNG, base64), '
+            "width, height, threshold, mask_pixels, foreground, score, max_probability. "
+            "Limits, errors and serving commands: docs/serving.md."
+        ),
+    )
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint folder (save_checkpoint / convert-clipseg)"
     )
@@ -58,31 +72,30 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _load_image(path: Path):  # -> PIL.Image.Image
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from segvlm.inference import ImageError, decode_image
 
     if not path.exists():
         raise UsageError(f"image not found: {path}")
     if not path.is_file():
         raise UsageError(f"image is not a file: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            # Phone photos store their rotation in EXIF; the mask must match the image as people see it.
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        raise UsageError(f"cannot read image {path}: not an image or corrupt ({err})") from err
+        # the file's bytes, decoded exactly as the served model decodes a request's base64 bytes
+        return decode_image(path.read_bytes())
+    except ImageError as err:
+        raise UsageError(f"cannot read image {path}: {err}") from err
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:
     """Do the work; returns the written paths. Raises ``UsageError`` for bad inputs."""
     import numpy as np
 
-    phrase = " ".join(str(args.phrase).split())
-    if not phrase:
-        raise UsageError("phrase is empty or whitespace: pass --phrase 'the thing to segment'")
-    if args.threshold is not None:
-        from segvlm.inference import check_threshold
+    from segvlm.inference import check_threshold, normalize_phrase
 
+    try:
+        phrase = normalize_phrase(args.phrase)
+    except ValueError:
+        raise UsageError("phrase is empty or whitespace: pass --phrase 'the thing to segment'") from None
+    if args.threshold is not None:
         try:
             check_threshold(args.threshold)
         except ValueError as err:
@@ -95,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
 
     from segvlm.checkpoint import CheckpointError
-    from segvlm.inference import Predictor, overlay
+    from segvlm.inference import Predictor, encode_mask_png, overlay, segment
 
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
@@ -105,33 +118,33 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     except CheckpointError as err:
         raise UsageError(f"cannot load checkpoint {ckpt}: {err}") from err
 
-    probabilities, logits = predictor.predict(image, phrase)
-    threshold = predictor.threshold if args.threshold is None else args.threshold
-    mask = probabilities > threshold
+    result = segment(predictor, image, phrase, args.threshold)
 
     from PIL import Image
 
     written: dict[str, str] = {}
     out = Path(args.out)
-    mask_img = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    _atomic_write(out, lambda tmp: mask_img.save(tmp, format="PNG"))
+    png = encode_mask_png(result.mask)
+    _atomic_write(out, lambda tmp: tmp.write_bytes(png))
     written["mask"] = str(out)
     if args.overlay:
         path = Path(args.overlay)
         fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-        _atomic_write(path, lambda tmp: overlay(image, mask, phrase).save(tmp, format=fmt))
+        _atomic_write(path, lambda tmp: overlay(image, result.mask, phrase).save(tmp, format=fmt))
         written["overlay"] = str(path)
     if args.save_logits:
         path = Path(args.save_logits)
 
         def save_npy(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
-                np.save(f, logits.astype(np.float32))
+                np.save(f, result.logits.astype(np.float32))
 
         _atomic_write(path, save_npy)
         written["logits"] = str(path)
-    share = float(mask.mean())
-    print(f"{PROG}: {phrase!r}: {share:.1%} of {image.width}×{image.height} px above {threshold:g} -> {out}")
+    print(
+        f"{PROG}: {phrase!r}: {result.foreground:.1%} of {image.width}×{image.height} px above "
+        f"{result.threshold:g} -> {out}"
+    )
     return written
 
 

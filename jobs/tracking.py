@@ -254,10 +254,12 @@ class RunLogger:
     def log_checkpoint_model(
         self, checkpoint_dir: str | Path, registered_name: str, alias: str = "best"
     ) -> str | None:
-        """Log a segvlm checkpoint as an MLflow pyfunc model and register it with ``alias``.
+        """Log a segvlm checkpoint as an MLflow model that serves, register it and point ``alias`` at it.
 
-        The weights travel as the checkpoint's safetensors file (no pickled tensors); the pyfunc wrapper
-        loads them with ``segvlm.checkpoint.load_checkpoint``.
+        The model is logged from code (``jobs/pyfunc_model.py``): the checkpoint folder as an artifact
+        (safetensors weights, nothing pickled), the segvlm package as code, pinned PyPI requirements, a
+        signature and an input example; ``mlflow models serve -m models:/<registered_name>@<alias>`` runs it
+        (docs/serving.md). Returns the new model version (``"1"``, ``"2"``, ...).
         """
         if self.relay is not None:
             from jobs.tracking_relay import pack_folder
@@ -270,17 +272,12 @@ class RunLogger:
         import mlflow
         from mlflow import MlflowClient
 
-        from jobs.pyfunc_model import SegVLMPyFunc
+        from jobs.pyfunc_model import log_segvlm_model
 
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=SegVLMPyFunc(),
-            artifacts={"checkpoint": str(checkpoint_dir)},
-            pip_requirements=["segvlm"],
-        )
+        info = log_segvlm_model(checkpoint_dir, name="model")
         version = mlflow.register_model(info.model_uri, registered_name)
         MlflowClient(self.tracking_uri).set_registered_model_alias(registered_name, alias, version.version)
-        return version.version
+        return str(version.version)  # an int from a sqlite store, a str from a server
 
     @_relayable
     def system_metrics_step(self) -> int:

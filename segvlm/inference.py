@@ -7,12 +7,18 @@ original H×W with bilinear interpolation. Thresholding is left to the caller (`
 forward pass serves any threshold; ``Predictor.threshold`` is the one the checkpoint was calibrated with on
 validation (``checkpoint_threshold``), which the CLI and the logged model use unless told otherwise.
 
+``decode_image``, ``segment`` and ``encode_mask_png`` are the one path from an encoded image and a phrase to a
+binary PNG mask: ``segvlm predict`` (a local file) and the served MLflow model (base64 in a request) both go
+through them, so the two give the same mask for the same bytes, phrase and threshold.
+
 ``overlay`` draws a mask over the image with a caption bar naming the phrase, for humans (MLflow image logs,
 the ``segvlm predict --overlay`` output).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,17 +26,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
 
 from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "ImageError",
     "Predictor",
+    "Segmentation",
     "check_threshold",
     "checkpoint_threshold",
+    "decode_image",
+    "encode_mask_png",
+    "normalize_phrase",
     "overlay",
     "probabilities_to_size",
+    "read_image_size",
+    "segment",
 ]
 
 Tokenize = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
@@ -185,6 +198,106 @@ class Predictor:
         logits = self.predict_logits(image, phrase)
         probs = probabilities_to_size(logits, image.height, image.width)
         return probs.numpy().astype(np.float32, copy=False), logits.numpy().astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------- bytes in, mask out (shared)
+class ImageError(ValueError):
+    """Bytes that are not a readable image, or an image over the pixel limit."""
+
+
+def read_image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from an encoded image's header, without decoding its pixels. Raises ImageError."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        raise ImageError(f"not an image or corrupt ({err})") from None
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, WebP, ... anything PIL reads) -> the RGB image as people see it.
+
+    ``max_pixels``: refuse an image whose width × height (read from its header, before any pixel is decoded)
+    exceeds it, so a small file that declares a huge canvas never reaches the allocator. The EXIF
+    orientation is applied (phone photos store their rotation there; the mask must match the image as
+    shown). Multi-frame files give their first frame.
+
+    Raises:
+        ImageError: not an image, truncated or corrupt, or over ``max_pixels``.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        raise ImageError(f"not an image or corrupt ({err})") from None
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageError(
+                f"image is {width}×{height} = {width * height} pixels, over the limit of {max_pixels}"
+            )
+        try:
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+            raise ImageError(f"not an image or corrupt ({err})") from None
+
+
+def normalize_phrase(phrase: str) -> str:
+    """``phrase`` with runs of whitespace collapsed to one space; ValueError when nothing is left."""
+    text = " ".join(str(phrase).split())
+    if not text:
+        raise ValueError("phrase is empty or whitespace")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+    """One phrase's mask on one image.
+
+    Attributes:
+        mask: ``H×W`` bool at the image's original size, ``probabilities > threshold``.
+        probabilities: ``H×W`` float32 in ``[0, 1]`` (see :meth:`Predictor.predict`).
+        logits: ``S×S`` float32 at the model's input size.
+        threshold: the decision threshold applied.
+        phrase: the phrase as the model saw it (whitespace collapsed).
+    """
+
+    mask: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    threshold: float
+    phrase: str
+
+    @property
+    def foreground(self) -> float:
+        """Share of the image's pixels in the mask, in ``[0, 1]``."""
+        return float(self.mask.mean())
+
+    @property
+    def score(self) -> float:
+        """Mean probability over the mask's pixels (how sure the model is of what it marked); 0 if empty."""
+        return float(self.probabilities[self.mask].mean()) if self.mask.any() else 0.0
+
+
+def segment(
+    predictor: Predictor, image: Image.Image, phrase: str, threshold: float | None = None
+) -> Segmentation:
+    """Segment what ``phrase`` refers to in ``image``: the one recipe of ``segvlm predict`` and the served model.
+
+    ``threshold``: ``None`` for the predictor's (the checkpoint's, chosen on validation). Raises ValueError
+    for an empty phrase or a threshold outside ``[0, 1]``.
+    """
+    text = normalize_phrase(phrase)
+    t = predictor.threshold if threshold is None else check_threshold(threshold)
+    probabilities, logits = predictor.predict(image, text)
+    return Segmentation(probabilities > t, probabilities, logits, t, text)
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """``H×W`` bool mask -> PNG bytes: 8-bit grayscale (mode L), 0 background, 255 foreground, W×H pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # -------------------------------------------------------------------------------------------- overlay

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -132,9 +134,7 @@ def test_the_checkpoint_threshold_is_the_default_and_flags_override_it(
     predictor, image_file, median_threshold, tmp_path
 ):
     """A checkpoint stores the threshold chosen on validation (meta.json extra.threshold); ``segvlm predict``
-    and the MLflow pyfunc predict with it unless given another."""
-    from jobs.pyfunc_model import SegVLMPyFunc
-
+    and the served MLflow model predict with it unless given another."""
     assert predictor.threshold == DEFAULT_THRESHOLD  # the fixture's checkpoint stores none
     cfg = model_config("segvlm_tiny", [f"backbone.image_size={SIZE}"])
     torch.manual_seed(0)  # the fixture's weights
@@ -153,12 +153,25 @@ def test_the_checkpoint_threshold_is_the_default_and_flags_override_it(
     assert _run(calibrated, image_file, tmp_path, "--threshold", "0.5") == 0
     np.testing.assert_array_equal(written_mask(), probs > 0.5)
 
-    model = SegVLMPyFunc()
-    model.load_context(type("Context", (), {"artifacts": {"checkpoint": str(calibrated)}})())
-    rows = [{"image_path": str(image_file), "phrase": PHRASE}]
-    np.testing.assert_array_equal(np.asarray(model.predict(None, rows)[0]["mask"]), probs > median_threshold)
-    overridden = model.predict(None, rows, params={"threshold": 0.5})[0]
-    np.testing.assert_array_equal(np.asarray(overridden["mask"]), probs > 0.5)
+    # the served model's answers: the same default, and a request's threshold column overrides it
+    import base64
+
+    from segvlm.serving import RequestLimits, serve_rows
+
+    served = Predictor.from_checkpoint(calibrated)
+    image_b64 = base64.b64encode(image_file.read_bytes()).decode()
+    default, overridden = serve_rows(
+        served,
+        [
+            {"image_b64": image_b64, "phrase": PHRASE},
+            {"image_b64": image_b64, "phrase": PHRASE, "threshold": 0.5},
+        ],
+        RequestLimits(),
+    )
+    assert default["threshold"] == median_threshold and overridden["threshold"] == 0.5
+    for answer, expected in ((default, probs > median_threshold), (overridden, probs > 0.5)):
+        with Image.open(io.BytesIO(base64.b64decode(answer["mask_png_b64"]))) as mask:
+            np.testing.assert_array_equal(np.asarray(mask) > 0, expected)
 
     with pytest.raises(ValueError, match=r"extra\.threshold"):
         checkpoint_threshold({"extra": {"threshold": 1.5}})
