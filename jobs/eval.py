@@ -188,7 +188,8 @@ def run_eval(
                 enabled=True,
                 tracking_uri=tracking_uri,
                 experiment=experiment,
-                workdir=tmp if storage.is_uri(out) else out,
+                # a new experiment of a local sqlite store keeps its artifacts under workdir: not in tmp
+                workdir=str(Path("runs").resolve()) if storage.is_uri(out) else out,
                 run_id=run_id,
                 run_name=None if run_id else f"eval-{storage.name(checkpoint)}",
             ) as logger:
