@@ -459,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", default=None, help="MLflow store, Ray results, reports")
     parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in workdir)"
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite in workdir)",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' on a cluster node)")
     parser.add_argument("--demo-data", default=None, help="build (or reuse) the demo's synthetic data here")

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         "--image-size",
         type=int,
         default=None,
-        help="square input side (default: the folder's preprocessor_config.json size, else 352)",
+        help="square input side (default: the size in the folder's processor_config.json or "
+        "preprocessor_config.json, else 352)",
     )
     args = p.parse_args(argv)
 
@@ -44,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, ConfigError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    from segvlm.checkpoint import read_meta
+
     kind = "SegVLM" if args.segvlm else "CLIPSeg"
+    size = read_meta(out)["extra"]["input_size"]
     print(f"{PROG}: wrote {kind} checkpoint {out} from {args.source}")
+    print(f"{PROG}: input size {size['size']}x{size['size']} (from {size['from']})")
     return 0
 
 

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")
     args = parser.parse_args(argv)
+    # everything the demo loads is local (a tiny CLIP it writes itself): it never needs the hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' save_pretrained bar
     quiet_environment()
 
     from jobs.eval import run_eval
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\nsteps trained: {trained['steps']}  total time: {summary['timings_s']['total']:.0f} s  {timings}"
     )
     print(f"MLflow run: {trained['run_id']}  (experiment {cfg.tracking.experiment!r})")
-    print(f"open the UI:  segvlm ui --workdir {args.workdir}   then browse http://127.0.0.1:5000")
+    if trained["tracking_uri"].startswith(("http://", "https://")):
+        print(f"open the UI:  {trained['tracking_uri']}")
+    else:
+        print(f"open the UI:  segvlm ui --workdir {args.workdir}   then browse http://127.0.0.1:5000")
     print(f"summary: {workdir / 'summary.json'}")
     return 0

@@ -18,22 +18,24 @@ out, official dir) is a local folder or a URI (``s3://...``): no disk shared bet
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, quiet_environment, to_json
+from jobs.common import TRAIN_LOG_LEVEL, init_ray, quiet_environment, to_json
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import torch
 
+    from jobs import distributed
+    from jobs.common import quiet_train_worker
     from jobs.evaluation import evaluate
     from pipeline import storage
     from pipeline.loader import make_eval_loader
@@ -41,10 +43,11 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from segvlm.inference import checkpoint_threshold
     from segvlm.metrics import format_markdown_table
 
+    quiet_train_worker()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
-    device = torch.device("cuda") if config["use_gpu"] else torch.device("cpu")
+    device = distributed.worker_device(config["use_gpu"])
     with storage.local_copy(config["checkpoint"], prefix="segvlm-eval-ckpt-") as folder:
         model, model_cfg, meta = load_checkpoint(folder)
     threshold = config["threshold"] if config["threshold"] is not None else checkpoint_threshold(meta)
@@ -58,8 +61,9 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         rank=rank,
         world_size=world,
         num_workers=0,
+        pin_memory=device.type == "cuda",
     )
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if config["use_gpu"] else nullcontext
+    autocast = functools.partial(distributed.autocast, "auto", device)  # bf16 on GPU, float32 on CPU
     start = time.perf_counter()
     result = evaluate(
         model,
@@ -69,7 +73,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         threshold=threshold,
         official_dir=config["official_dir"],
     )
-    summary = result.all_reduce().compute()
+    summary = result.all_reduce(device).compute()
     summary["threshold"] = threshold
     summary["seconds"] = time.perf_counter() - start
     ray.train.report({"tasks": summary.get("official/count", 0.0)})
@@ -139,8 +143,10 @@ def run_eval(
             )
     quiet_environment()
     init_ray(ray_address)
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.distributed import process_group_backend
 
     # an evaluation keeps no Ray checkpoints: Ray's run folder is scratch space on this node
     scratch = tempfile.mkdtemp(prefix="segvlm-eval-ray-")
@@ -156,9 +162,13 @@ def run_eval(
             "threshold": threshold,
             "threads": max(1, (os.cpu_count() or 1) // max(1, num_workers)),
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=scratch),
+        run_config=RunConfig(
+            name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=scratch,
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
+        ),
     )
     try:
         result = trainer.fit()
@@ -233,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         help="foreground if probability > T (default: the checkpoint's, chosen on validation; else 0.5)",
     )
     parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--tracking-uri", default=None, help="log the report to this MLflow store")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+        help="log the report to this MLflow store (default: $MLFLOW_TRACKING_URI; unset: no logging)",
+    )
     parser.add_argument("--run-id", default=None, help="append to this MLflow run instead of a new one")
     args = parser.parse_args(argv)
     from pipeline import storage

@@ -21,6 +21,8 @@ import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
+from jobs import distributed
+from pipeline.validate import safe_child
 from segvlm.inference import overlay, probabilities_to_size
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.metrics import EvalMetrics
@@ -32,13 +34,12 @@ class EvalResult:
     metrics: EvalMetrics
     overlays: list[tuple[str, Image.Image]]  # (task_id, picture)
 
-    def all_reduce(self) -> EvalMetrics:
-        """Sum the metric state over all ranks (one all-reduce) and return the merged metrics."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            vector = torch.from_numpy(self.metrics.to_vector())
-            dist.all_reduce(vector)
+    def all_reduce(self, device: torch.device | str = "cpu") -> EvalMetrics:
+        """Sum the metric state over all ranks (one all-reduce of a float64 vector on ``device``, the
+        worker's device: an NCCL group serves CUDA tensors only) and return the merged metrics."""
+        if distributed.world_size() > 1:
+            vector = torch.from_numpy(self.metrics.to_vector()).to(device)
+            distributed.all_reduce(vector)
             self.metrics.from_vector(vector)
         return self.metrics
 
@@ -82,12 +83,14 @@ class PngWriter:
         self.filesystem.create_dir(self.base, recursive=True)
 
     def write(self, task_id: str, mask: np.ndarray) -> None:
+        # the id names the file: it must stay one plain name inside the folder (raises otherwise)
+        path = safe_child(self.base if self.local else "/", f"{task_id}.png")
         if self.local:
-            write_png_atomic(mask, Path(self.base) / f"{task_id}.png")
+            write_png_atomic(mask, path)
             return
         buffer = io.BytesIO()
         Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
-        with self.filesystem.open_output_stream(f"{self.base}/{task_id}.png") as stream:
+        with self.filesystem.open_output_stream(f"{self.base}/{path.name}") as stream:
             stream.write(buffer.getvalue())
 
 
@@ -120,9 +123,9 @@ def evaluate(
     for batch in loader:
         with autocast():
             logits = model(
-                batch["pixel_values"].to(device),
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
+                distributed.to_device(batch["pixel_values"], device),
+                distributed.to_device(batch["input_ids"], device),
+                distributed.to_device(batch["attention_mask"], device),
             )
         logits = logits.float().cpu()  # B×1×S×S
         probabilities = torch.sigmoid(logits)[:, 0]

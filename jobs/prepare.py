@@ -19,6 +19,7 @@ import os
 import sys
 
 from pipeline.prepare import DEFAULT_SHARD_SAMPLES, SOURCES, PrepareConfig, run_prepare
+from pipeline.validate import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 
 # Testing/chaos hook (comma-separated shard indices whose task crashes mid-write); see PrepareConfig.
 CRASH_ENV = "SEGVLM_PREPARE_CRASH_SHARDS"
@@ -41,6 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prompt-rates", nargs="*", default=[], metavar="KIND=R", help="prompts per task and kind"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"quarantine images with more pixels, checked before decoding ({DEFAULT_MAX_PIXELS})",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help=f"quarantine larger image files, checked before reading ({DEFAULT_MAX_IMAGE_BYTES})",
+    )
     parser.add_argument(
         "--ray-address", default=None, help="'auto', 'ray://host:10001'; default: local instance"
     )
@@ -69,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         synthetic_prompts=args.synthetic_prompts,
         prompt_rates=rates,
         seed=args.seed,
+        max_pixels=args.max_pixels,
+        max_image_bytes=args.max_image_bytes,
         progress_every=args.progress_every,
         crash_shards=crash,
     )

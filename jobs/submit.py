@@ -36,14 +36,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobs.common import _QUIET_ENV
+from jobs.common import job_env_vars
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Environment variables JobSubmissionClient lets override its `address` argument (ray/dashboard/utils.py,
 # get_address_for_submission_client); we read them for the default and hide them so --address always wins.
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-# Every job gets these: offline hub (a stray download retries for minutes), no telemetry.
-JOB_ENV_VARS: dict[str, str] = dict(_QUIET_ENV)
 # Never upload these (Ray also honours .gitignore/.rayignore; these hold for checkouts without one). Anchored
 # with a leading slash so that e.g. a package folder called `data` deeper down still ships.
 DEFAULT_EXCLUDES: tuple[str, ...] = (
@@ -131,10 +129,21 @@ def build_entrypoint(command: list[str], python: str = "python") -> str:
     return shlex.join([python, "-m", "jobs.cli", *command])
 
 
-def build_runtime_env(working_dir: str | None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Our defaults merged with ``--runtime-env-json``: its env_vars override ours, its excludes add to ours."""
+def build_runtime_env(
+    working_dir: str | None,
+    extra: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Our defaults merged with ``--runtime-env-json``: its env_vars override ours, its excludes add to ours.
+
+    The job's environment: no telemetry, plus the caller's own ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``,
+    ``HF_ENDPOINT`` and ``MLFLOW_TRACKING_URI`` when ``environ`` (default ``os.environ``) sets them; unset,
+    the nodes' own settings apply."""
     extra = dict(extra or {})
-    env_vars = {**JOB_ENV_VARS, **{k: str(v) for k, v in (extra.pop("env_vars", None) or {}).items()}}
+    env_vars = {
+        **job_env_vars(os.environ if environ is None else environ),
+        **{k: str(v) for k, v in (extra.pop("env_vars", None) or {}).items()},
+    }
     excludes = [
         *DEFAULT_EXCLUDES,
         *[e for e in extra.pop("excludes", None) or [] if e not in DEFAULT_EXCLUDES],

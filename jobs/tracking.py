@@ -26,9 +26,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def resolve_tracking_uri(uri: str, workdir: str | Path) -> str:
-    """``""`` → the local sqlite store under ``workdir``; anything else is used as given."""
+    """``uri`` when given; else ``$MLFLOW_TRACKING_URI`` when set; else the local sqlite store under
+    ``workdir``."""
     if uri:
         return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     path = Path(workdir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"

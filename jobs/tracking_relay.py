@@ -76,16 +76,80 @@ def pack_figure(figure: Any, file_name: str) -> PackedFolder:
     return "figure", {file_name: buffer.getvalue()}
 
 
+def relative_path_error(path: Any, what: str = "path") -> str | None:
+    """Why ``path`` is not a relative POSIX path that stays inside the folder it is joined to."""
+    if not isinstance(path, str) or not path:
+        return f"{what} {path!r} is not a non-empty string"
+    if path.startswith("/") or "\\" in path or "\x00" in path:
+        return f"{what} {path!r} is absolute or holds a backslash or NUL"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return f"{what} {path!r} has an empty, '.' or '..' component"
+    return None
+
+
 def unpack_folder(packed: PackedFolder, under: str | Path) -> Path:
-    """Write a packed folder as ``under/<name>`` and return that path (runs in the relay actor)."""
+    """Write a packed folder as ``under/<name>`` and return that path (runs in the relay actor).
+
+    The name must be one plain component and every file a relative path without ``..``; each written path
+    is checked again after resolving, so nothing lands outside ``under/<name>``.
+    """
     name, files = packed
-    root = Path(under) / name
+    error = relative_path_error(name, "folder name")
+    if error is None and "/" in name:
+        error = f"folder name {name!r} is not a single component"
+    if error is None and not isinstance(files, dict):
+        error = f"files is a {type(files).__name__}, not a dict"
+    if error:
+        raise ValueError(f"tracking relay: refused a packed folder: {error}")
+    root = Path(under).resolve() / name
+    for relative, data in files.items():
+        error = relative_path_error(relative, "file")
+        if error is None and not isinstance(data, bytes):
+            error = f"file {relative!r} is a {type(data).__name__}, not bytes"
+        if error is None and not (root / relative).resolve().is_relative_to(root):
+            error = f"file {relative!r} resolves outside the folder"
+        if error:
+            raise ValueError(f"tracking relay: refused a packed folder: {error}")
     root.mkdir(parents=True, exist_ok=True)
     for relative, data in files.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return root
+
+
+# ------------------------------------------------------------------------------------ what is accepted
+# RunLogger's logging methods (the ones it forwards through ``_relay_call``) and, for each, the positions
+# and names of its artifact-path arguments, which MLflow joins to the run's artifact folder.
+RELAYED_METHODS: dict[str, tuple[tuple[int, str], ...]] = {
+    "log_params": (),
+    "log_metrics": (),
+    "set_tags": (),
+    "log_image": ((1, "key"),),  # MLflow names the image files after the key
+    "log_text": ((1, "artifact_file"),),
+    "log_dict": ((1, "artifact_file"),),
+    "log_artifacts": ((0, "artifact_path"),),  # args[0] after the unpacked folder
+    "log_checkpoint_model": (),
+    "system_metrics_step": (),
+    "end": (),
+}
+
+
+def check_call(method: Any, args: Any, kwargs: Any, packed: Any) -> None:
+    """Raise ValueError unless ``method`` is one of ``RELAYED_METHODS`` and its artifact paths are safe."""
+    if not isinstance(method, str) or method not in RELAYED_METHODS:
+        raise ValueError(f"tracking relay: {method!r} is not a logging method it relays")
+    if not isinstance(args, tuple | list) or not isinstance(kwargs, dict):
+        raise ValueError("tracking relay: args must be a tuple and kwargs a dict")
+    for position, name in RELAYED_METHODS[method]:
+        value = kwargs.get(name, args[position] if len(args) > position else None)
+        if value is None and name == "artifact_path":
+            continue  # the artifact root itself
+        error = relative_path_error(value, name)
+        if error:
+            raise ValueError(f"tracking relay: {method}: {error}")
+    if packed is not None and method not in ("log_artifacts", "log_checkpoint_model"):
+        raise ValueError(f"tracking relay: {method} does not take a folder")
 
 
 # ---------------------------------------------------------------------------------------- the actor
@@ -120,7 +184,9 @@ class TrackingRelay:
         self, method: str, args: tuple, kwargs: dict[str, Any], packed: PackedFolder | None = None
     ) -> Any:
         """``logger.<method>(*args, **kwargs)``; with ``packed``, its folder (written to a temporary folder
-        here) is the first argument."""
+        here) is the first argument. Only ``RELAYED_METHODS`` are run, and artifact paths must be relative
+        paths inside the run's artifact folder (``check_call``): the actor acts on whatever it is sent."""
+        check_call(method, args, kwargs, packed)
         if packed is None:
             return getattr(self.logger, method)(*args, **kwargs)
         with tempfile.TemporaryDirectory(prefix="segvlm-relay-") as tmp:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import git_commit, init_ray, quiet_environment
+from jobs.common import TRAIN_LOG_LEVEL, git_commit, init_ray, quiet_environment
 from segvlm.config import ExperimentConfig, load_config, to_dict
 
 
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", help="local folder for the MLflow store, Ray results and the best checkpoint"
     )
     parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in workdir)"
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite in workdir)",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster address ('auto' on a cluster node)")
     return parser
@@ -57,9 +59,10 @@ def run_training(
     """
     quiet_environment()
     init_ray(ray_address)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.distributed import process_group_backend
     from jobs.tracking import RunLogger, resolve_tracking_uri
     from jobs.tracking_relay import needs_relay, start_relay, stop_relay
     from jobs.train_loop import (
@@ -103,7 +106,7 @@ def run_training(
             "fail_at": os.environ.get(FAIL_ENV),
             "tracking_relay": relay,
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -113,6 +116,7 @@ def run_training(
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,

@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from jobs import distributed
+from jobs.common import quiet_train_worker
+from jobs.distributed import to_device
 from jobs.evaluation import evaluate, log_evaluation
 from jobs.tracking import RunLogger
 from pipeline.loader import make_eval_loader, make_train_loader
@@ -65,10 +67,7 @@ def seed_everything(seed: int) -> None:
 
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on GPU (``auto`` or ``bf16``), float32 on CPU unless ``bf16`` is forced."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return distributed.autocast(precision, device)
 
 
 TEXT_TOWER = ("backbone.clip.text_model.", "backbone.clip.text_projection.")
@@ -96,17 +95,8 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     )
 
 
-def _all_reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
-    if world == 1 or not dist.is_initialized():
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: float(v) / world for k, v in zip(keys, tensor.tolist())}
-
-
 def _fit_steps_to_budget(
-    train: Any, step: int, elapsed: float, window_seconds: float, window_steps: int, world: int
+    train: Any, step: int, elapsed: float, window_seconds: float, window_steps: int, device: torch.device
 ) -> int:
     """Total steps that fit ``train.time_budget_s`` at the pace of the last logging window, so the cosine
     schedule ends when the budget does. Re-estimated at every log step; all ranks agree on the smallest
@@ -114,11 +104,7 @@ def _fit_steps_to_budget(
     seconds_per_step = window_seconds / max(window_steps, 1)
     fits = step + int(max(0.0, train.time_budget_s - elapsed) / max(seconds_per_step, 1e-9))
     total = max(step, min(train.steps, fits))
-    if world > 1 and dist.is_initialized():
-        agreed = torch.tensor([total], dtype=torch.int64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        total = int(agreed.item())
-    return total
+    return distributed.all_reduce_min(total, device)
 
 
 def _maybe_inject_failure(spec: str | None, step: int, rank: int) -> None:
@@ -171,6 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     cfg = from_dict(ExperimentConfig, loop_config["experiment"])
     # DDP's bucket views cannot match the strides torch picks for a ConvTranspose weight with one input
     # channel; harmless (one extra copy) but printed by every worker
@@ -178,10 +165,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    device = distributed.worker_device(cfg.train.use_gpu)
     seed_everything(cfg.train.seed * 1009 + rank)
 
-    model = build_model(cfg.model)
+    # on the device before the optimizer exists: a resumed optimizer state is loaded onto its parameters'
+    # device, and AdamW cannot step CUDA parameters with CPU moments
+    model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     state: dict[str, Any] = {
         "step": 0,
@@ -203,7 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[segvlm] resumed from step {state['step']} (MLflow run {state['run_id']})", flush=True)
 
-    model = ray.train.torch.prepare_model(model, move_to_device=device.type == "cuda")
+    model = ray.train.torch.prepare_model(model, move_to_device=device)  # DDP on `device`: cuda:i or cpu
     core = model.module if hasattr(model, "module") else model
     tokenize = core.backbone.tokenize
     image_size = cfg.model.backbone.image_size
@@ -251,6 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         crop_scale=cfg.data.crop_scale,
         phrases_per_image=cfg.data.phrases_per_image,
         hflip=cfg.data.hflip,
+        pin_memory=device.type == "cuda",
     )
     batches = iter(train_loader)
     loss_fn = RAFLoss(cfg.loss)
@@ -262,7 +252,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
-    window: dict[str, float] = defaultdict(float)
+    # loss terms stay on the device until a log step: a float() per step would wait for the GPU every step
+    window: dict[str, Any] = defaultdict(float)
     window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
     run_start = time.perf_counter()
     last_score = float("nan")
@@ -282,13 +273,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_wait += time.perf_counter() - wait_start
             sync = model.no_sync() if (hasattr(model, "no_sync") and micro < accum - 1) else nullcontext()
             with sync:
-                image_index = batch["image_index"].to(device, non_blocking=True)
-                masks = batch["masks"].to(device, non_blocking=True)
+                image_index = to_device(batch["image_index"], device)
+                masks = to_device(batch["masks"], device)
                 with autocast_for(cfg.train.precision, device):
                     logits, aux = model(
-                        batch["pixel_values"].to(device, non_blocking=True),
-                        batch["input_ids"].to(device, non_blocking=True),
-                        batch["attention_mask"].to(device, non_blocking=True),
+                        to_device(batch["pixel_values"], device),
+                        to_device(batch["input_ids"], device),
+                        to_device(batch["attention_mask"], device),
                         image_index,
                         return_aux=True,
                     )
@@ -305,8 +296,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     terms["loss"] = terms["loss"] + cfg.loss.region * terms["region"]
                 if cfg.loss.words > 0:
                     words = tokenize(batch["target_words"])
-                    word_ids = words["input_ids"].to(device)
-                    word_mask = content_token_mask(words["attention_mask"]).to(device)
+                    word_ids = to_device(words["input_ids"], device)
+                    word_mask = to_device(content_token_mask(words["attention_mask"]), device)
                     terms["words_region"] = region_word_loss(
                         aux["word_embedding"], aux["vocabulary"], masks, word_ids, word_mask
                     )
@@ -318,9 +309,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     )
                 (terms["loss"] / accum).backward()
             for name, value in terms.items():
-                window[name] += float(value.detach()) / accum
+                window[name] += value.detach().float() / accum
         if cfg.optim.grad_clip > 0:
-            window["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+            window["grad_norm"] += torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip).detach()
         optimizer.step()
         state["step"] += 1
         state["samples"] += cfg.train.batch_size
@@ -331,7 +322,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window_start
             # one all-reduce for the loss terms and the data-wait share together
             window["data_wait_share"] = window_wait / max(elapsed, 1e-9) * window_steps
-            means = _all_reduce_mean({k: v / window_steps for k, v in window.items()}, world)
+            means = distributed.all_reduce_mean(
+                {k: float(v) / window_steps for k, v in window.items()}, device
+            )
             wait_share = means.pop("data_wait_share")
             samples_per_s = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
             metrics = {f"train/{k}": v for k, v in means.items()}
@@ -356,7 +349,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     seconds_before + time.perf_counter() - run_start,
                     elapsed,
                     window_steps,
-                    world,
+                    device,
                 )
                 done = state["step"] >= state["total_steps"]
                 if progress is not None:
@@ -375,6 +368,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 rank=rank,
                 world_size=world,
                 num_workers=0,
+                pin_memory=device.type == "cuda",
             )
             model.eval()
             result = evaluate(
@@ -386,7 +380,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 max_tasks=cfg.train.val_max_tasks,
             )
             model.train()
-            summary = result.all_reduce().compute()
+            summary = result.all_reduce(device).compute()
             last_score = summary["official/mean_iou"]
             state["best"] = max(state["best"], last_score)
             if cfg.train.calibrate_threshold and summary["official/count"] > 0:

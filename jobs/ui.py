@@ -6,7 +6,9 @@ Launch::
     segvlm ui --workdir runs/demo --port 5001 --host 0.0.0.0   # only if you mean to expose it
 
 It runs ``mlflow server`` in the foreground (Ctrl-C stops it) against ``sqlite:///<workdir>/mlflow.db`` with
-artifacts served from ``<workdir>/mlartifacts``, the same store ``segvlm train``/``demo`` write.
+artifacts served from ``<workdir>/mlartifacts``, the same store ``segvlm train``/``demo`` write. With
+``$MLFLOW_TRACKING_URI`` set (the store the jobs then write), it serves that database instead, or, when it
+already names a tracking server (``http://…``), says so and starts nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
     args = parser.parse_args(argv)
-    if not (Path(args.workdir) / "mlflow.db").exists():
+    chosen = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if chosen.startswith(("http://", "https://")):
+        print(f"MLFLOW_TRACKING_URI names a tracking server: open {chosen} (segvlm ui serves a local store)")
+        return 0
+    if not chosen and not (Path(args.workdir) / "mlflow.db").exists():
         print(
             f"segvlm ui: no MLflow store at {Path(args.workdir) / 'mlflow.db'}; run `segvlm demo` or train first"
         )

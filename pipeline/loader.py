@@ -39,6 +39,7 @@ import os
 import posixpath
 import re
 import sys
+import tarfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
@@ -52,6 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.prompts import singular
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
+from pipeline.validate import LOADER_MAX_MEMBER_BYTES, check_sample_sizes
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.transforms import (
     TokenizeFn,
@@ -75,6 +77,9 @@ __all__ = [
 ]
 
 _MEMBERS = ("jpg", "json")  # the only tar members ever read
+# A shard member is read whole into memory: cap what its tar header may ask for (prepare's images are at
+# most PrepareConfig.max_image_bytes, itself capped at this).
+MAX_MEMBER_BYTES = LOADER_MAX_MEMBER_BYTES
 
 
 # ----------------------------------------------------------------------------------------------- shards
@@ -140,22 +145,46 @@ def _open_shards(
             stream.close()
 
 
-def _tar_samples(
-    handler: Callable[[Exception], bool] = wds.reraise_exception,
-) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
-    """``wds.tarfile_to_samples`` with our opener: shard URLs -> samples of ``jpg``/``json`` members only."""
-
-    def stage(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        streams = _open_shards(sources, handler)
-        files = wds.tariterators.tar_file_expander(streams, handler=handler, select_files=_select_members)
-        return wds.tariterators.group_by_keys(files, handler=handler)
-
-    return stage
-
-
 def _select_members(fname: str) -> bool:
     """Keep only ``<key>.jpg`` and ``<key>.json``: other members (``x.pickle``…) are skipped unread."""
     return fname.rsplit(".", 1)[-1].lower() in _MEMBERS if "." in fname else False
+
+
+def _capped_members(sources: Iterable[dict[str, Any]], handler: Any) -> Iterator[dict[str, Any]]:
+    """webdataset's ``tar_file_expander`` with a size check: a selected member larger than
+    ``MAX_MEMBER_BYTES`` (the size its tar header states) raises before a single byte of it is read."""
+    for source in sources:
+        try:
+            with tarfile.open(fileobj=source["stream"], mode="r|*") as stream:
+                for info in stream:
+                    try:
+                        if not info.isreg() or not _select_members(info.name):
+                            continue
+                        if info.size > MAX_MEMBER_BYTES:
+                            raise ValueError(
+                                f"{info.name} in {source['url']}: {info.size} bytes, over the {MAX_MEMBER_BYTES} "
+                                "a shard member may have"
+                            )
+                        data = stream.extractfile(info).read()
+                        stream.members = []  # streaming: keep no index of what was read
+                        yield {"fname": info.name, "data": data, "__url__": source["url"]}
+                    except Exception as exn:
+                        if not handler(exn):
+                            raise
+            yield {}  # end of shard: samples of two shards never merge
+        except Exception as exn:
+            if not handler(exn):
+                raise
+
+
+def _read_tar_samples(src: Iterable[dict[str, Any]], handler: Any = wds.reraise_exception):
+    """URLs -> samples, as ``wds.tarfile_to_samples`` with ``select_files=_select_members``, plus the
+    member size cap (``_capped_members``)."""
+    streams = _open_shards(src, handler)  # pyarrow.fs (local, s3://...), never webdataset's gopen
+    return wds.tariterators.group_by_keys(_capped_members(streams, handler), handler=handler)
+
+
+_tarfile_to_samples = wds.filters.pipelinefilter(_read_tar_samples)
 
 
 class _ErrorBudget:
@@ -178,11 +207,15 @@ class _ErrorBudget:
 
 
 def _parse(sample: dict[str, Any]) -> tuple[str, bytes, ImageRecord]:
-    """``(key, jpg bytes, record)`` of a raw tar sample; raises if a member is missing."""
+    """``(key, jpg bytes, record)`` of a raw tar sample; raises if a member is missing, or if a size in it
+    (the record's, or the image header's) is beyond what may be allocated (``check_sample_sizes``):
+    crop boxes, masks and the decode all allocate from those sizes."""
     missing = [m for m in _MEMBERS if m not in sample]
     if missing:
         raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} lacks {missing}")
-    return sample["__key__"], sample["jpg"], ImageRecord.from_json(sample["json"])
+    record = ImageRecord.from_json(sample["json"])
+    check_sample_sizes(record, sample["jpg"])
+    return sample["__key__"], sample["jpg"], record
 
 
 def _worker() -> tuple[int, int]:
@@ -539,7 +572,7 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         stages: list[Any] = [
             lambda: _resampled_urls(self.urls, url_rng),
-            _tar_samples(handler=errors),
+            _tarfile_to_samples(handler=errors),
             wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=shuffle_seed),
             lambda src: _train_items(src, cfg, item_rng, errors),
         ]
@@ -745,7 +778,7 @@ class EvalStream(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: iter([{"url": self.urls[i]} for i in shards]),  # a bare list would be taken as stages
             # errors are fatal here: a skipped sample would silently change the metric
-            _tar_samples(),
+            _tarfile_to_samples(),
             lambda src: _eval_items(src, self.image_size, modulus, remainder),
             wds.batched(self.batch_size, collation_fn=self._collate, partial=True),
         )

@@ -94,6 +94,21 @@ def manifest_rows(record: ImageRecord, shard: str) -> list[dict[str, Any]]:
     return rows
 
 
+def check_rows(rows: Iterable[dict[str, Any]]) -> None:
+    """Raise ValueError if a row has a string UTF-8 cannot encode (a lone surrogate): Parquet would raise
+    only when the whole manifest is written, after every shard, and lose the job. Called per record, so
+    the record is quarantined instead."""
+    for row in rows:
+        for name, value in row.items():
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(
+                        f"manifest row of task {row.get('task_id')!r}: {name} is not valid Unicode"
+                    ) from err
+
+
 def sort_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Canonical order (shard, key, task_id) so reruns and resumed runs give byte-equal manifests."""
     return sorted(rows, key=lambda r: (r["shard"], r["key"], r["task_id"]))

@@ -15,7 +15,9 @@ Two steps, so a Ray driver can fan out cheaply:
   picklable values and it has no side effects, so Ray tasks can call it directly.
 
 Every bad record comes back as a :class:`~pipeline.schema.QuarantineRecord` (reason codes in
-:mod:`pipeline.quarantine`); an image-level fault quarantines each of the image's tasks. Polygons that are
+:mod:`pipeline.quarantine`); an image-level fault quarantines each of the image's tasks. Records are
+hostile input: ids, paths, text and sizes are checked by :mod:`pipeline.validate` (docs/data-safety.md),
+and any exception while handling one record quarantines it (``record_error``) instead of failing the job. Polygons that are
 degenerate while the task still has a usable one are kept (and counted): the official evaluator draws them
 too, so dropping them would change the ground truth the metrics use.
 """
@@ -25,25 +27,47 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image, ImageFile
 
 from pipeline.quarantine import (
+    BAD_ID,
+    BAD_METADATA,
+    BAD_POLYGONS,
     BAD_SCHEMA,
+    BAD_TEXT,
     DUPLICATE_TASK_ID,
     EMPTY_PHRASE,
+    IMAGE_TOO_LARGE,
     MISSING_IMAGE,
     MISSING_METADATA,
     NO_USABLE_POLYGONS,
     REASONS,
+    RECORD_ERROR,
     SIZE_MISMATCH,
     UNREADABLE_IMAGE,
+    UNSAFE_PATH,
 )
 from pipeline.schema import ImageRecord, QuarantineRecord, Task
+from pipeline.validate import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    TooLargeError,
+    UnsafePathError,
+    _show,
+    id_error,
+    is_number,
+    meta_size,
+    polygon_error,
+    read_file_inside,
+    size_error,
+    structure_error,
+    text_error,
+)
 
 __all__ = [
     "METADATA_FILES",
@@ -120,8 +144,7 @@ def read_metadata(root: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     raise FileNotFoundError(f"{root}: neither of {', '.join(METADATA_FILES)} exists")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+_is_number = is_number  # finite, not a bool, not an int too large for a float
 
 
 def _schema_error(task: Any) -> str | None:
@@ -226,19 +249,24 @@ def list_images(root: str | os.PathLike[str], split: str) -> list[ImageEntry]:
     return result
 
 
+def _row(
+    entry: ImageEntry, task: Any, index: int, source_file: str, reason: str, detail: str
+) -> QuarantineRecord:
+    """A quarantine row for one raw task (whatever its shape: the row must be written even for garbage)."""
+    task_id = task.get("task_id") if isinstance(task, dict) else None
+    return QuarantineRecord(
+        source_file=source_file,
+        record=task_id if isinstance(task_id, str) and task_id else f"{entry.image_id}#{index}",
+        reason=reason,
+        detail=detail,
+        image_id=entry.image_id,
+        task_id=task_id if isinstance(task_id, str) else None,
+    )
+
+
 def _quarantine_all(entry: ImageEntry, source_file: str, reason: str, detail: str) -> list[QuarantineRecord]:
     """One row per task of the image: an image-level fault takes all its tasks with it."""
-    return [
-        QuarantineRecord(
-            source_file=source_file,
-            record=task["task_id"],
-            reason=reason,
-            detail=detail,
-            image_id=entry.image_id,
-            task_id=task["task_id"],
-        )
-        for task in entry.tasks
-    ]
+    return [_row(entry, task, i, source_file, reason, detail) for i, task in enumerate(entry.tasks)]
 
 
 def _polygon_area(polygon: list[list[float]]) -> float:
@@ -291,18 +319,31 @@ def _encode_jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(data: bytes) -> tuple[Image.Image | None, str]:
-    """Fully decoded image, or None and why. Decoding everything is what detects truncated files."""
+def _decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | None, str, str]:
+    """``(image, "", "")`` fully decoded, or ``(None, reason, why)``. The size is checked from the header,
+    before a single pixel is decoded; decoding everything is what detects truncated files."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image_format = image.format or "unknown"
-        image.load()  # raises OSError on a truncated file unless LOAD_TRUNCATED_IMAGES
+        with warnings.catch_warnings():
+            # Pillow warns from 89 MP on; the size is checked against our own limit right below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow's own refusal (over 2 × its MAX_IMAGE_PIXELS)
+        return None, IMAGE_TOO_LARGE, f"refused before decoding ({err})"
     except Exception as err:  # PIL raises several types for garbage input
-        return None, f"cannot decode ({type(err).__name__}: {err})"
+        return None, UNREADABLE_IMAGE, f"cannot decode ({type(err).__name__}: {err})"
+    error = size_error(image.size[0], image.size[1], max_pixels, "header")
+    if error is not None:
+        reason = IMAGE_TOO_LARGE if "over the limit" in error else UNREADABLE_IMAGE
+        return None, reason, f"{error}; not decoded"
+    image_format = image.format or "unknown"
+    try:
+        image.load()  # raises OSError on a truncated file unless LOAD_TRUNCATED_IMAGES
+    except Exception as err:
+        return None, UNREADABLE_IMAGE, f"cannot decode ({type(err).__name__}: {err})"
     if image_format == "JPEG" and ImageFile.LOAD_TRUNCATED_IMAGES and b"\xff\xd9" not in data[-64:]:
         # someone switched on lenient loading in this process: check the end-of-image marker ourselves
-        return None, "truncated JPEG (no end-of-image marker)"
-    return image, ""
+        return None, UNREADABLE_IMAGE, "truncated JPEG (no end-of-image marker)"
+    return image, "", ""
 
 
 def _scale_task(task: Task, sx: float, sy: float) -> Task:
@@ -319,15 +360,67 @@ def load_image_record(
     *,
     source: str = "phrasecut",
     max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> tuple[ImageRecord | None, bytes | None, list[QuarantineRecord], dict[str, int]]:
     """Read, validate and (if needed) convert one image and its tasks.
 
     Returns ``(record, jpg_bytes, quarantine, stats)``; record and bytes are None when no task survives.
+    Every task of ``entry`` (and every listing issue it carries) ends up either in the record or in the
+    quarantine: ``stats["tasks"] == stats["tasks_ok"] + stats["quarantined"]``, whatever the input, since
+    an unexpected exception quarantines the image's tasks as ``record_error`` instead of propagating.
+    Checks (``pipeline/validate.py``): safe ids, the image path inside ``root``, file and pixel limits
+    (from the metadata and the image header, before decoding), clean text, sane polygon coordinates.
     The original JPEG bytes pass through untouched unless the image is not RGB (converted, re-encoded),
     not a JPEG at all but a decodable image such as a palette PNG (re-encoded), or longer than
     ``max_side`` (resized once, polygons and boxes scaled, ``orig_width``/``orig_height`` kept).
     """
-    root = os.fspath(root)
+    try:
+        return _load_image_record(
+            os.fspath(root),
+            entry,
+            source=source,
+            max_side=max_side,
+            max_pixels=max_pixels,
+            max_image_bytes=max_image_bytes,
+        )
+    except Exception as err:  # one image's surprise must not fail the job: quarantine it, with the error
+        detail = f"{entry.image_file}: {type(err).__name__}: {err}"
+        quarantine = list(entry.issues) + _quarantine_all(entry, entry.source_file, RECORD_ERROR, detail)
+        stats = _empty_stats()
+        stats.update(
+            images=int(entry.image_id is not None),
+            tasks=len(quarantine),
+            quarantined=len(quarantine),
+        )
+        return None, None, quarantine, stats
+
+
+def _task_error(raw: dict[str, Any], width: int, height: int) -> tuple[str, str] | None:
+    """``(reason, why)`` when one (schema-valid) task must be quarantined before its polygons are used."""
+    error = id_error(raw["task_id"], "task_id")
+    if error:
+        return BAD_ID, error
+    error = text_error(raw["phrase"]) or structure_error(raw["phrase_structure"])
+    if error:
+        return BAD_TEXT, error
+    if not raw["phrase"].strip():
+        return EMPTY_PHRASE, f"phrase {raw['phrase']!r}"
+    error = polygon_error(raw["Polygons"], width, height)
+    if error:
+        return BAD_POLYGONS, error
+    return None
+
+
+def _load_image_record(
+    root: str,
+    entry: ImageEntry,
+    *,
+    source: str,
+    max_side: int | None,
+    max_pixels: int,
+    max_image_bytes: int,
+) -> tuple[ImageRecord | None, bytes | None, list[QuarantineRecord], dict[str, int]]:
     stats = _empty_stats()
     quarantine = list(entry.issues)
     stats["tasks"] = len(entry.tasks) + len(entry.issues)
@@ -338,71 +431,71 @@ def load_image_record(
         stats["images_ok"] = int(record is not None)
         return record, data, quarantine, stats
 
-    if entry.image_id is None:
+    def reject_all(source_file: str, reason: str, detail: str):
+        quarantine.extend(_quarantine_all(entry, source_file, reason, detail))
         return done()
+
+    if entry.image_id is None:
+        # the listing puts only schema failures here; anything else would be lost without this
+        return reject_all(entry.source_file, BAD_SCHEMA, "task has no usable image_id")
     stats["images"] = 1
     if not entry.tasks:
         return done()
+    error = id_error(entry.image_id, "image_id")
+    if error:
+        return reject_all(entry.source_file, BAD_ID, f"image of tasks in {entry.source_file}: {error}")
     image_file = entry.image_file
     if entry.meta is None:
         meta_names = " or ".join(METADATA_FILES)
-        for task in entry.tasks:
+        for i, task in enumerate(entry.tasks):
             detail = f"task {task['task_id']} in {entry.source_file}: image_id {entry.image_id} is not in {meta_names}"
-            quarantine += _quarantine_all(
-                dataclasses.replace(entry, tasks=[task]), entry.source_file, MISSING_METADATA, detail
-            )
+            quarantine.append(_row(entry, task, i, entry.source_file, MISSING_METADATA, detail))
         return done()
-    path = os.path.join(root, image_file)
-    if not os.path.isfile(path):
-        quarantine += _quarantine_all(entry, image_file, MISSING_IMAGE, f"{image_file} does not exist")
-        return done()
-    with open(path, "rb") as f:
-        data = f.read()
-    image, why = _decode(data)
+    meta_file = METADATA_FILES[0]  # the usual name; the detail says which row
+    size, error = meta_size(entry.meta)
+    if size is None:
+        return reject_all(meta_file, BAD_METADATA, f"{meta_file}, image_id {entry.image_id}: {error}")
+    width, height = size
+    error = size_error(width, height, max_pixels, "metadata")
+    if error:
+        return reject_all(meta_file, IMAGE_TOO_LARGE, f"{meta_file}, image_id {entry.image_id}: {error}")
+    try:
+        path, data = read_file_inside(root, image_file, max_image_bytes)
+    except FileNotFoundError:
+        return reject_all(image_file, MISSING_IMAGE, f"{image_file} does not exist")
+    except UnsafePathError as err:
+        return reject_all(image_file, UNSAFE_PATH, f"{image_file}: {err}")
+    except TooLargeError as err:
+        return reject_all(image_file, IMAGE_TOO_LARGE, f"{image_file}: {err}")
+    except OSError as err:  # a directory, a symlink swapped in (ELOOP), permissions
+        return reject_all(image_file, UNREADABLE_IMAGE, f"{image_file}: {type(err).__name__}: {err}")
+    image, reason, why = _decode(data, max_pixels)
     if image is None:
-        quarantine += _quarantine_all(entry, image_file, UNREADABLE_IMAGE, f"{image_file}: {why}")
-        return done()
-    width, height = int(entry.meta["width"]), int(entry.meta["height"])
+        return reject_all(image_file, reason, f"{image_file}: {why}")
     if image.size != (width, height):
         detail = f"{image_file} is {image.size[0]}x{image.size[1]}, image_data_split says {width}x{height}"
-        quarantine += _quarantine_all(entry, image_file, SIZE_MISMATCH, detail)
-        return done()
+        return reject_all(image_file, SIZE_MISMATCH, detail)
 
     tasks: list[Task] = []
-    for raw in entry.tasks:
+    for i, raw in enumerate(entry.tasks):
         task_id = raw["task_id"]
-        if not raw["phrase"].strip():
-            quarantine.append(
-                QuarantineRecord(
-                    source_file=entry.source_file,
-                    record=task_id,
-                    reason=EMPTY_PHRASE,
-                    detail=f"task {task_id} in {entry.source_file} has phrase {raw['phrase']!r}",
-                    image_id=entry.image_id,
-                    task_id=task_id,
+        where = f"task {_show(task_id)} in {entry.source_file}"
+        try:
+            problem = _task_error(raw, width, height)
+            if problem is not None:
+                quarantine.append(
+                    _row(entry, raw, i, entry.source_file, problem[0], f"{where}: {problem[1]}")
                 )
-            )
-            continue
-        polygons, clipped, usable, degenerate = _clip_polygons(raw["Polygons"], width, height)
-        if usable == 0:
-            quarantine.append(
-                QuarantineRecord(
-                    source_file=entry.source_file,
-                    record=task_id,
-                    reason=NO_USABLE_POLYGONS,
-                    detail=(
-                        f"task {task_id} in {entry.source_file}: none of its {degenerate} polygon(s) has "
-                        f"3+ points and a positive area inside the {width}x{height} image"
-                    ),
-                    image_id=entry.image_id,
-                    task_id=task_id,
+                continue
+            polygons, clipped, usable, degenerate = _clip_polygons(raw["Polygons"], width, height)
+            if usable == 0:
+                detail = (
+                    f"task {task_id} in {entry.source_file}: none of its {degenerate} polygon(s) has "
+                    f"3+ points and a positive area inside the {width}x{height} image"
                 )
-            )
-            continue
-        stats["clipped_points"] += clipped
-        stats["degenerate_polygons"] += degenerate
-        tasks.append(
-            Task(
+                quarantine.append(_row(entry, raw, i, entry.source_file, NO_USABLE_POLYGONS, detail))
+                continue
+            task = Task(
                 task_id=task_id,
                 phrase=raw["phrase"],
                 polygons=polygons,
@@ -410,7 +503,13 @@ def load_image_record(
                 phrase_structure=raw["phrase_structure"],
                 kind="original",
             )
-        )
+        except Exception as err:  # one task's surprise takes only that task
+            detail = f"{where}: {type(err).__name__}: {err}"
+            quarantine.append(_row(entry, raw, i, entry.source_file, RECORD_ERROR, detail))
+            continue
+        stats["clipped_points"] += clipped
+        stats["degenerate_polygons"] += degenerate
+        tasks.append(task)
     if not tasks:
         return done()
 
@@ -453,7 +552,16 @@ def iter_records(
     *,
     source: str = "phrasecut",
     max_side: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Iterator[tuple[ImageRecord | None, bytes | None, list[QuarantineRecord], dict[str, int]]]:
     """:func:`load_image_record` over every entry of :func:`list_images`, in one process (tests, small data)."""
     for entry in list_images(root, split):
-        yield load_image_record(root, entry, source=source, max_side=max_side)
+        yield load_image_record(
+            root,
+            entry,
+            source=source,
+            max_side=max_side,
+            max_pixels=max_pixels,
+            max_image_bytes=max_image_bytes,
+        )

@@ -39,7 +39,18 @@ import pyarrow.fs as pafs
 from pipeline import manifest as mf
 from pipeline import shards
 from pipeline.progress import Progress, format_table
+from pipeline.quarantine import RECORD_ERROR
 from pipeline.schema import ImageRecord, QuarantineRecord, Task, make_key
+from pipeline.validate import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    LOADER_MAX_MEMBER_BYTES,
+    LOADER_MAX_PIXELS,
+    id_error,
+    meta_size,
+    structure_error,
+    text_error,
+)
 
 PARTS_DIR = "_parts"
 DEFAULT_SHARD_SAMPLES = 1000
@@ -62,6 +73,10 @@ class PrepareConfig:
     # prompts per original task and kind; None with synthetic_prompts: pipeline.prompts.DEFAULT_RATES
     prompt_rates: dict[str, float] | None = None
     seed: int = 0
+    # Limits on one input image (pipeline/validate.py): pixels checked from the metadata and the image
+    # header before decoding, bytes before reading; over them the image's tasks are quarantined.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     progress_every: float = 5.0
     # Testing hook: shard indices whose task dies after half-writing its temp file (a simulated crash).
     crash_shards: tuple[int, ...] = ()
@@ -75,6 +90,12 @@ class PrepareConfig:
             raise ValueError("--shard-samples must be >= 1")
         if self.shard_bytes is not None and self.shard_bytes < 1:
             raise ValueError("--shard-bytes must be >= 1")
+        if not 1 <= self.max_pixels <= LOADER_MAX_PIXELS:
+            raise ValueError(f"--max-pixels must lie in 1..{LOADER_MAX_PIXELS} (what the loaders accept)")
+        if not 1 <= self.max_image_bytes <= LOADER_MAX_MEMBER_BYTES:
+            raise ValueError(
+                f"--max-image-bytes must lie in 1..{LOADER_MAX_MEMBER_BYTES} (what the loaders read)"
+            )
         if self.synthetic_prompts and self.prompt_rates is None:
             from pipeline.prompts import DEFAULT_RATES
 
@@ -90,6 +111,7 @@ class PrepareConfig:
             "synthetic_prompts": self.synthetic_prompts,
             "prompt_rates": sorted((self.prompt_rates or {}).items()) if self.synthetic_prompts else None,
             "seed": self.seed if self.synthetic_prompts else None,
+            "limits": [self.max_pixels, self.max_image_bytes],
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -186,6 +208,8 @@ class ShardJob:
     seed: int = 0
     negative_pool: tuple[tuple[str, str], ...] = ()
     crash_shards: tuple[int, ...] = ()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
 
 def sidecar_path(base: str, shard: str) -> str:
@@ -210,19 +234,34 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
     from pipeline.phrasecut import load_image_record
 
     samples: list[tuple[ImageRecord, bytes]] = []
+    rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
     stats: Counter[str] = Counter()
     for entry in plan.entries:
         record, jpg, bad, entry_stats = load_image_record(
-            job.root, entry, source=job.source, max_side=job.max_side
+            job.root,
+            entry,
+            source=job.source,
+            max_side=job.max_side,
+            max_pixels=job.max_pixels,
+            max_image_bytes=job.max_image_bytes,
         )
         quarantine.extend(q.to_dict() if isinstance(q, QuarantineRecord) else dict(q) for q in bad)
         stats.update({k: v for k, v in (entry_stats or {}).items() if isinstance(v, int | float)})
         if record is None or jpg is None:
             continue
-        if job.synthetic_prompts:
-            record = augment(record, job)
+        try:
+            if job.synthetic_prompts:
+                record = augment(record, job)
+            record_rows = mf.manifest_rows(record, plan.name)
+            mf.check_rows(record_rows)  # a row Parquet cannot encode would fail the job at its very end
+        except Exception as err:  # one record's surprise is that record's quarantine, not a failed job
+            quarantine.extend(record_error_rows(record, entry.source_file, "augment/index", err))
+            stats["tasks_ok"] -= sum(t.kind == "original" for t in record.tasks)
+            stats["quarantined"] += sum(t.kind == "original" for t in record.tasks)
+            continue
         samples.append((record, jpg))
+        rows.extend(record_rows)
 
     path = shards.join(job.base, plan.name)
     if plan.index in job.crash_shards:
@@ -232,7 +271,6 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
         shard_bytes, sha = info.bytes, info.sha256
     else:
         shard_bytes, sha = 0, ""  # every image quarantined: no tar, only the sidecar says so
-    rows = [row for record, _ in samples for row in mf.manifest_rows(record, plan.name)]
     sidecar = {
         "version": SIDECAR_VERSION,
         "fingerprint": job.fingerprint,
@@ -243,12 +281,37 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
         "bytes": shard_bytes,
         "sha256": sha,
         "tasks": len(rows),
+        "inputs": sum(input_records(e) for e in plan.entries),
         "manifest": rows,
         "quarantine": [_jsonable(q) for q in quarantine],
         "stats": dict(sorted(stats.items())),
     }
     shards.write_json_atomic(job.filesystem, sidecar_path(job.base, plan.name), sidecar)
     return sidecar
+
+
+def input_records(entry: Any) -> int:
+    """The refer-file records an entry stands for: its tasks plus the ones the listing already set aside."""
+    return len(entry.tasks) + len(entry.issues)
+
+
+def record_error_rows(
+    record: ImageRecord, source_file: str, stage: str, err: Exception
+) -> list[dict[str, Any]]:
+    """Quarantine rows for every original task of a record whose handling raised ``err`` at ``stage``."""
+    detail = f"{stage} of image {record.image_id} ({source_file}): {type(err).__name__}: {err}"
+    return [
+        QuarantineRecord(
+            source_file=source_file,
+            record=task.task_id,
+            reason=RECORD_ERROR,
+            detail=detail,
+            image_id=record.image_id,
+            task_id=task.task_id,
+        ).to_dict()
+        for task in record.tasks
+        if task.kind == "original"
+    ]
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
@@ -298,6 +361,15 @@ def list_entries(config: PrepareConfig) -> list[Any]:
     return list_images(config.root, config.split)
 
 
+def text_usable(raw: dict[str, Any]) -> bool:
+    """Whether a listed task's id and text pass the reader's checks (pipeline/validate.py)."""
+    return (
+        id_error(raw["task_id"]) is None
+        and text_error(raw["phrase"]) is None
+        and structure_error(raw["phrase_structure"]) is None
+    )
+
+
 def negative_pool_for(entries: Sequence[Any], config: PrepareConfig) -> tuple[tuple[str, str], ...]:
     """Built once on the driver from the listing (phrases only, no images), shipped to every task."""
     from pipeline import prompts
@@ -321,6 +393,7 @@ def listing_records(entries: Sequence[Any], config: PrepareConfig) -> list[Image
                 phrase_structure=raw["phrase_structure"],
             )
             for raw in entry.tasks
+            if text_usable(raw)  # the reader will quarantine the rest; their phrases must not spread
         ]
         meta = entry.meta or {}
         records.append(
@@ -328,8 +401,8 @@ def listing_records(entries: Sequence[Any], config: PrepareConfig) -> list[Image
                 source=config.source,
                 image_id=entry.image_id,
                 split=entry.split,
-                width=int(meta.get("width") or 0),
-                height=int(meta.get("height") or 0),
+                width=(meta_size(meta)[0] or (0, 0))[0],  # unchecked rows: the reader quarantines them
+                height=(meta_size(meta)[0] or (0, 0))[1],
                 tasks=tasks,
             )
         )
@@ -387,6 +460,8 @@ def run_prepare(
         seed=config.seed,
         negative_pool=pool,
         crash_shards=tuple(config.crash_shards),
+        max_pixels=config.max_pixels,
+        max_image_bytes=config.max_image_bytes,
     )
 
     results: dict[int, dict[str, Any]] = {}
@@ -422,7 +497,15 @@ def run_prepare(
     write_quarantine(shards.join(base, mf.QUARANTINE), quarantine, filesystem=fs)
     seconds = time.perf_counter() - start
     processed = sum(len(p.entries) for p in todo)
-    summary = summarize(ordered, config, seconds=seconds, resumed=resumed, processed=processed, cpus=cpus)
+    summary = summarize(
+        ordered,
+        config,
+        seconds=seconds,
+        resumed=resumed,
+        processed=processed,
+        cpus=cpus,
+        inputs=sum(input_records(e) for e in entries),
+    )
     shards.write_json_atomic(fs, shards.join(base, mf.SUMMARY), summary)
     rows = [row for s in ordered for row in s["manifest"]]
     mf.write_manifest(fs, base, rows, {s["shard"]: s["samples"] for s in ordered if s["samples"]})
@@ -438,8 +521,14 @@ def summarize(
     resumed: int = 0,
     processed: int | None = None,
     cpus: float | None = None,
+    inputs: int | None = None,
 ) -> dict[str, Any]:
-    """Counts over all shards (resumed ones included); rates over the images this run processed."""
+    """Counts over all shards (resumed ones included); rates over the images this run processed.
+
+    Raises :class:`AccountingError` unless every input record is accounted for (``check_accounting``):
+    the caller writes the completion markers only after this returns.
+    """
+    accounting = check_accounting(sidecars, inputs)
     kinds: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     stats: Counter[str] = Counter()
@@ -460,6 +549,7 @@ def summarize(
         "tasks_per_kind": dict(sorted(kinds.items())),
         "quarantined": sum(reasons.values()),
         "quarantined_per_reason": dict(sorted(reasons.items())),
+        "accounting": accounting,
         "shards": sum(1 for s in sidecars if s["samples"]),
         "shards_resumed": resumed,
         "bytes": sum(s["bytes"] for s in sidecars),
@@ -477,12 +567,55 @@ def summarize(
     }
 
 
+class AccountingError(RuntimeError):
+    """Input records that are neither in the shards nor in the quarantine (or are in the shards twice)."""
+
+
+def check_accounting(sidecars: Sequence[dict[str, Any]], inputs: int | None = None) -> dict[str, int]:
+    """Prove that each input record is in the shards exactly once or in the quarantine, for the split.
+
+    ``inputs`` is the number of records the driver listed (tasks of the refer file, the ones the listing
+    set aside included); each sidecar also carries its own count. ``written`` counts manifest rows of kind
+    ``original`` (generated prompts are extra rows, not input records). Returns
+    ``{"inputs", "written", "quarantined"}`` with ``inputs == written + quarantined``, else raises.
+    """
+    problems = []
+    written = quarantined = listed = 0
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for s in sidecars:
+        originals = [row["task_id"] for row in s["manifest"] if row["kind"] == "original"]
+        repeated.update(t for t in originals if t in seen)
+        seen.update(originals)
+        written += len(originals)
+        quarantined += len(s["quarantine"])
+        if "inputs" in s:
+            listed += s["inputs"]
+            if s["inputs"] != len(originals) + len(s["quarantine"]):
+                problems.append(
+                    f"shard {s['shard']}: {s['inputs']} input records, {len(originals)} written + "
+                    f"{len(s['quarantine'])} quarantined"
+                )
+    if inputs is None:
+        inputs = listed
+    if inputs != written + quarantined:
+        problems.append(f"{inputs} input records, {written} written + {quarantined} quarantined")
+    if repeated:
+        problems.append(f"task ids written more than once: {sorted(repeated)[:5]}")
+    if problems:
+        raise AccountingError(
+            "record accounting failed, not marking the job complete: " + "; ".join(problems)
+        )
+    return {"inputs": inputs, "written": written, "quarantined": quarantined}
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = [
         ("images", summary["images"]),
         ("tasks", summary["tasks"]),
     ]
     rows += [(f"  kind {k}", v) for k, v in summary["tasks_per_kind"].items()]
+    rows.append(("input records", summary["accounting"]["inputs"]))
     rows.append(("quarantined", summary["quarantined"]))
     rows += [(f"  {k}", v) for k, v in summary["quarantined_per_reason"].items()]
     rows += [

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.schema import QuarantineRecord
 
 QUARANTINE_FILE = "quarantine.parquet"
+MAX_DETAIL = 2000  # characters of a row's detail
 
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
@@ -28,6 +29,13 @@ EMPTY_PHRASE = "empty_phrase"
 DUPLICATE_TASK_ID = "duplicate_task_id"
 MISSING_METADATA = "missing_metadata"
 BAD_SCHEMA = "bad_schema"
+BAD_ID = "bad_id"
+UNSAFE_PATH = "unsafe_path"
+BAD_TEXT = "bad_text"
+BAD_METADATA = "bad_metadata"
+IMAGE_TOO_LARGE = "image_too_large"
+BAD_POLYGONS = "bad_polygons"
+RECORD_ERROR = "record_error"
 
 # code -> what it means; the codes are the values of the `reason` column.
 REASONS: dict[str, str] = {
@@ -39,6 +47,13 @@ REASONS: dict[str, str] = {
     DUPLICATE_TASK_ID: "a task with the same task_id came earlier in the file (the first one is kept)",
     MISSING_METADATA: "the task's image_id is not in image_data_split.json",
     BAD_SCHEMA: "a required field is missing or has the wrong type",
+    BAD_ID: "image_id or task_id is not a safe file-name component (pipeline.validate.ID_PATTERN)",
+    UNSAFE_PATH: "the image path (after symlinks) leads outside the dataset root",
+    BAD_TEXT: "phrase or phrase_structure holds invalid Unicode, control characters, or is too long",
+    BAD_METADATA: "the image's metadata row lacks width/height or they are not positive integers",
+    IMAGE_TOO_LARGE: "the image (metadata, header or file) is over the configured pixel or byte limit",
+    BAD_POLYGONS: "polygon points lie far outside the image, or there are too many of them",
+    RECORD_ERROR: "an unexpected error while handling the record (its type and message are the detail)",
 }
 
 SCHEMA = pa.schema(
@@ -57,9 +72,26 @@ def _as_dict(record: QuarantineRecord | Mapping[str, Any]) -> dict[str, Any]:
     return record.to_dict() if isinstance(record, QuarantineRecord) else dict(record)
 
 
+def _utf8(value: Any) -> str:
+    """``str(value)`` that UTF-8 can encode: a quarantined record's id or detail may quote the very lone
+    surrogate it was quarantined for, and a quarantine file that cannot be written loses every row."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _target(path: str) -> str:
     """A directory gets ``quarantine.parquet`` inside it; a ``*.parquet`` path is used as is."""
     return path if path.endswith(".parquet") else path.rstrip("/") + "/" + QUARANTINE_FILE
+
+
+def _bounded(detail: str | None) -> str:
+    """A detail quotes input (an exception message may hold a whole record): at most MAX_DETAIL chars."""
+    detail = detail or ""
+    return detail if len(detail) <= MAX_DETAIL else f"{detail[: MAX_DETAIL - 20]}...({len(detail)} chars)"
 
 
 def to_table(records: Iterable[QuarantineRecord | Mapping[str, Any]]) -> pa.Table:
@@ -68,14 +100,14 @@ def to_table(records: Iterable[QuarantineRecord | Mapping[str, Any]]) -> pa.Tabl
 
     def column(name: str, *, nullable: bool) -> list[str | None]:
         values = [row.get(name) for row in rows]
-        return [None if v is None and nullable else str(v if v is not None else "") for v in values]
+        return [None if v is None and nullable else _utf8(v if v is not None else "") for v in values]
 
     return pa.table(
         {
             "source_file": column("source_file", nullable=False),
             "record": column("record", nullable=False),
             "reason": column("reason", nullable=False),
-            "detail": column("detail", nullable=False),
+            "detail": [_bounded(d) for d in column("detail", nullable=False)],
             "image_id": column("image_id", nullable=True),
             "task_id": column("task_id", nullable=True),
         },

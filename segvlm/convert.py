@@ -39,6 +39,7 @@ __all__ = [
     "clip_config_from_clipseg",
     "clipseg_to_segvlm",
     "convert_clipseg",
+    "input_size",
     "load_clipseg",
     "model_config_from_clipseg",
     "split_clipseg_state_dict",
@@ -162,37 +163,59 @@ def load_clipseg(source: str | Path) -> tuple[Any, Any, str]:
     return model.eval(), tokenizer, resolved
 
 
-def _processor_config(resolved: str) -> dict[str, Any]:
-    """``preprocessor_config.json`` beside the weights, in a folder or the hub cache ({} when absent)."""
-    path: Path | None = Path(resolved) / "preprocessor_config.json"
-    if not Path(resolved).is_dir():  # a hub id whose weights were just fetched: the file is in the cache
-        from transformers.utils import cached_file
+# Where a checkpoint's image-processor settings live: transformers 5 saves a processor's settings in
+# processor_config.json (under "image_processor"); earlier versions, and hub repos such as CIDAS/*, in
+# preprocessor_config.json. The first that exists wins.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
-        try:
-            found = cached_file(
-                resolved, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
-            )
-        except (OSError, ValueError):
-            found = None
-        path = Path(found) if found else None
+
+def _find_file(resolved: str, name: str) -> Path | None:
+    """``name`` beside the weights, in a folder or the hub cache (None when absent)."""
+    if Path(resolved).is_dir():
+        path = Path(resolved) / name
+        return path if path.is_file() else None
+    from transformers.utils import cached_file  # a hub id whose weights were just fetched: the cache
+
     try:
-        data = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        found = cached_file(resolved, name, _raise_exceptions_for_missing_entries=False)
     except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+    return Path(found) if found else None
+
+
+def _processor_config(resolved: str) -> tuple[dict[str, Any], str | None]:
+    """The image-processor settings saved with the weights and the file they came from (``{}, None`` when
+    neither ``processor_config.json`` nor ``preprocessor_config.json`` is there or readable)."""
+    for name in PROCESSOR_FILES:
+        path = _find_file(resolved, name)
+        if path is None:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("image_processor"), dict):
+            data = data["image_processor"]  # a processor's file holds its parts' settings by name
+        if isinstance(data, dict):
+            return data, name
+    return {}, None
 
 
 def _processor_image_size(processor: dict[str, Any]) -> int | None:
-    """The square input side a CLIPSeg processor resizes to (``CIDAS/*``: 352), if it says."""
-    size = processor.get("size")
-    if isinstance(size, int):
-        return size
-    if isinstance(size, dict):
-        sides = {size.get("height"), size.get("width")} - {None}
-        if len(sides) == 1:
-            return int(sides.pop())
-        if "shortest_edge" in size:
-            return int(size["shortest_edge"])
+    """The square input side a CLIPSeg processor feeds the model (``CIDAS/*``: 352), if it says: its center
+    crop when it crops, else its resize size."""
+    sizes = [processor.get("size")]
+    if processor.get("do_center_crop"):
+        sizes.insert(0, processor.get("crop_size"))
+    for size in sizes:
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        if isinstance(size, dict):
+            sides = {size.get("height"), size.get("width")} - {None}
+            if len(sides) == 1:
+                return int(sides.pop())
+            if "shortest_edge" in size:
+                return int(size["shortest_edge"])
     return None
 
 
@@ -356,6 +379,18 @@ def clipseg_to_segvlm(
     return model.eval(), cfg
 
 
+def input_size(resolved: str, image_size: int | None = None) -> tuple[int, str]:
+    """The square input side a conversion uses and where it comes from: ``image_size`` when given, else the
+    saved processor's size (``processor_config.json`` or ``preprocessor_config.json``), else 352."""
+    if image_size:
+        return int(image_size), "--image-size"
+    processor, name = _processor_config(resolved)
+    size = _processor_image_size(processor)
+    if size:
+        return size, name or ""
+    return DEFAULT_IMAGE_SIZE, "CLIPSeg's default (no processor size saved with the weights)"
+
+
 def convert_clipseg(
     source: str | Path,
     out: str | Path,
@@ -365,15 +400,17 @@ def convert_clipseg(
 ) -> Path:
     """Convert the CLIPSeg checkpoint ``source`` (folder or hub id) into our checkpoint folder ``out``.
 
-    ``image_size`` defaults to the ``preprocessor_config.json`` size beside the weights, else 352; that
-    file's ``image_mean`` / ``image_std`` are stored in the checkpoint's ``meta.json`` ``extra`` so that
-    ``segvlm.inference.Predictor`` normalises images as CLIPSeg was trained. Returns the checkpoint folder (written atomically by ``save_checkpoint``).
+    ``image_size`` defaults to the size of the processor saved beside the weights (``processor_config.json``,
+    as transformers 5 writes it, or ``preprocessor_config.json``), else 352; the size and where it came from
+    are stored in ``meta.json`` ``extra["input_size"]``. The processor's ``image_mean`` / ``image_std`` go to
+    ``extra`` too, so that ``segvlm.inference.Predictor`` normalises images as CLIPSeg was trained. Returns
+    the checkpoint folder (written atomically by ``save_checkpoint``).
     """
     from segvlm.checkpoint import save_checkpoint
 
     hf_model, tokenizer, resolved = load_clipseg(source)
-    processor = _processor_config(resolved)
-    size = image_size or _processor_image_size(processor) or DEFAULT_IMAGE_SIZE
+    processor, _ = _processor_config(resolved)
+    size, size_source = input_size(resolved, image_size)
     model, cfg = clipseg_to_segvlm(hf_model, tokenizer, image_size=size, segvlm=segvlm)
     extra: dict[str, Any] = {
         "converted_from": {
@@ -381,6 +418,7 @@ def convert_clipseg(
             "format": "transformers CLIPSegForImageSegmentation",
             "segvlm": segvlm,
         },
+        "input_size": {"size": size, "from": size_source},
         # The pixel normalisation CLIPSeg was trained with, if its processor says (segvlm.inference uses it).
         **_processor_normalization(processor),
     }

@@ -217,3 +217,54 @@ def test_unsupported_layer_norm_eps_is_refused():
     cfg.vision_config.layer_norm_eps = 1e-6
     with pytest.raises(ConvertError, match="eps"):
         model_config_from_clipseg(cfg)
+
+
+def _save_processor_transformers5(folder, size: int, **settings) -> None:
+    """The processor as transformers 5 saves it: one processor_config.json, image settings nested."""
+    from transformers import CLIPImageProcessor, CLIPSegProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"height": size, "width": size}, do_center_crop=False, **settings
+    )
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def test_transformers5_processor_config_sets_the_input_size(clipseg_dir, reference, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "saved_by_transformers5"
+    shutil.copytree(clipseg_dir, folder)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    _save_processor_transformers5(folder, 96, image_mean=mean, image_std=std)
+    assert (folder / "processor_config.json").is_file() and not (folder / "preprocessor_config.json").exists()
+
+    assert cli.main(["--from", str(folder), "--out", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "input size 96x96 (from processor_config.json)" in out
+    model, cfg, meta = load_checkpoint(tmp_path / "ckpt")
+    assert cfg.backbone.image_size == 96
+    assert meta["extra"]["input_size"] == {"size": 96, "from": "processor_config.json"}
+    assert meta["extra"]["image_mean"] == mean and meta["extra"]["image_std"] == std
+    hf_model, hf_tok = reference
+    diff = _compare(model, hf_model, hf_tok, 96)
+    assert diff <= 1e-4, f"max |ours - CLIPSeg| at 96 px = {diff:.2e}"
+
+
+def test_input_size_sources_in_order(clipseg_dir, tmp_path):
+    import shutil
+
+    from segvlm.convert import input_size
+
+    folder = tmp_path / "both"
+    shutil.copytree(clipseg_dir, folder)
+    assert input_size(str(folder)) == (352, "CLIPSeg's default (no processor size saved with the weights)")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": 80}))  # CIDAS/*' form: an int
+    assert input_size(str(folder)) == (80, "preprocessor_config.json")
+    _save_processor_transformers5(folder, 112)
+    assert input_size(str(folder)) == (112, "processor_config.json")
+    assert input_size(str(folder), 64) == (64, "--image-size")
+    # a processor that center-crops feeds the model its crop
+    cropping = {"image_processor": {"size": {"shortest_edge": 128}, "do_center_crop": True, "crop_size": 120}}
+    (folder / "processor_config.json").write_text(json.dumps(cropping))
+    assert input_size(str(folder)) == (120, "processor_config.json")

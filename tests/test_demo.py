@@ -21,7 +21,32 @@ def test_demo_writes_a_strict_json_summary_with_metrics_floor_and_a_registered_m
     workdir = tmp_path / "demo"
     overrides = ["train.steps=6", "train.batch_size=8", "train.log_every=3", "train.val_max_tasks=16"]
     assert main(["--workdir", str(workdir), "--images", "30", "--train-seconds", "60", *overrides]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+
+    # the console shows our progress, workers' included, and none of Ray's internals
+    console = captured.out + captured.err
+    assert "[segvlm] step 6 validation" in console and "train: 6/6 steps" in console
+    # the local instance's dashboard (and State API, which Train's placement-group cleaner polls) is up on
+    # loopback only
+    import ray
+    from ray._private.worker import get_dashboard_url
+    from ray.util.state import list_actors
+
+    assert ray.is_initialized()
+    assert get_dashboard_url().rsplit(":", 1)[0] == "127.0.0.1"
+    assert any(actor.class_name == "TrainController" for actor in list_actors(limit=1000))
+    for internal in (
+        "State API",  # Train's placement-group cleaner without the dashboard
+        "Requesting resources",
+        "Reporting training result",
+        "Checkpoint successfully created",
+        "Setting up process group",
+        "streaming_executor",
+        "logging_progress",
+        "system_metrics_monitor",
+    ):
+        assert internal not in console, internal
 
     # strict JSON: an empty subset's metric is null, never NaN
     summary = json.loads(
