@@ -74,7 +74,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": job_env_vars(os.environ)}
+    from pipeline.storage import forwarded_env
+
+    # + the object-store endpoint and region (not credentials), so workers on every node reach the same S3
+    runtime_env = {"env_vars": job_env_vars(os.environ) | forwarded_env()}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -3,13 +3,16 @@
 Launch::
 
     segvlm eval --checkpoint runs/demo/<run>/best --data runs/demo/shards/test --out runs/demo/eval
-    segvlm eval --checkpoint CKPT --data s3://bucket/phrasecut/test --official-dir preds/ --num-workers 4 \\
+    segvlm eval --checkpoint s3://bucket/runs/<run>/best --data s3://bucket/phrasecut/test \\
+        --out s3://bucket/runs/<run>/eval-test --official-dir s3://bucket/runs/<run>/preds --num-workers 4 \\
         --ray-address auto --tracking-uri http://127.0.0.1:5000
 
 Each Ray Train worker scores its share of the tasks (every task exactly once across workers); the metric sums
-are merged with one all-reduce and rank 0 writes ``report.json`` and ``report.md``. With ``--official-dir``
-every worker also writes ``{task_id}.png`` (binary, original image size), the layout the PhraseCut
-evaluator reads; ``segvlm.metrics`` recomputes the report from those PNGs in the tests.
+are merged with one all-reduce and rank 0 returns the report to the driver through Ray, which writes
+``report.json``, ``report.md`` and ``pr_curve.json`` to ``--out``. With ``--official-dir`` every worker also
+writes ``{task_id}.png`` (binary, original image size), the layout the PhraseCut evaluator reads;
+``segvlm.metrics`` recomputes the report from those PNGs in the tests. Every location (checkpoint, data,
+out, official dir) is a local folder or a URI (``s3://...``): no disk shared between nodes is assumed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +30,14 @@ from typing import Any
 from jobs.common import TRAIN_LOG_LEVEL, init_ray, quiet_environment, to_json
 
 
-def eval_loop_per_worker(config: dict[str, Any]) -> None:
+def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import torch
 
     from jobs import distributed
     from jobs.common import quiet_train_worker
     from jobs.evaluation import evaluate
+    from pipeline import storage
     from pipeline.loader import make_eval_loader
     from segvlm.checkpoint import load_checkpoint
     from segvlm.inference import checkpoint_threshold
@@ -43,7 +48,8 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     device = distributed.worker_device(config["use_gpu"])
-    model, model_cfg, meta = load_checkpoint(config["checkpoint"])
+    with storage.local_copy(config["checkpoint"], prefix="segvlm-eval-ckpt-") as folder:
+        model, model_cfg, meta = load_checkpoint(folder)
     threshold = config["threshold"] if config["threshold"] is not None else checkpoint_threshold(meta)
     model.to(device)
     loader = make_eval_loader(
@@ -70,20 +76,32 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     summary = result.all_reduce(device).compute()
     summary["threshold"] = threshold
     summary["seconds"] = time.perf_counter() - start
-    if rank == 0:
-        out = Path(config["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "report.json", to_json(summary, indent=2, sort_keys=True))
-        _write_atomic(out / "report.md", format_markdown_table(summary))
-        curve = {k: [float(x) for x in v] for k, v in result.metrics.clipseg.pr_curve().items()}
-        _write_atomic(out / "pr_curve.json", json.dumps(curve))
     ray.train.report({"tasks": summary.get("official/count", 0.0)})
+    if rank != 0:
+        return None
+    # the report goes back to the driver as rank 0's return value (Result.return_value): no file of this
+    # node's disk is read by anyone else
+    curve = {k: [float(x) for x in v] for k, v in result.metrics.clipseg.pr_curve().items()}
+    return {"summary": summary, "pr_curve": curve, "markdown": format_markdown_table(summary)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def default_out(checkpoint: str, split: str) -> str:
+    """``<checkpoint's parent>/eval-<checkpoint name>-<split>``: beside the checkpoint, never inside it (it
+    may be a registered model's artifacts, which an evaluation must not change)."""
+    from pipeline import storage
+
+    return storage.join(storage.parent(checkpoint), f"eval-{storage.name(checkpoint)}-{split}")
+
+
+def _inside(location: str, folder: str) -> bool:
+    from pipeline import storage
+
+    if storage.is_uri(location) != storage.is_uri(folder):
+        return False
+    if not storage.is_uri(location):
+        location, folder = str(Path(location).resolve()), str(Path(folder).resolve())
+    location, folder = location.rstrip("/"), folder.rstrip("/")
+    return location == folder or location.startswith(folder + "/")
 
 
 def run_eval(
@@ -104,13 +122,25 @@ def run_eval(
 ) -> dict[str, float]:
     """Evaluate ``checkpoint`` on the shards at ``data`` and return the report (also written to ``out``).
 
+    ``checkpoint``, ``data``, ``out`` and ``official_dir`` are local folders or URIs (``s3://...``). Each
+    worker downloads a URI checkpoint into a temporary folder of its own; the report reaches this process
+    through Ray and is written to ``out`` from here. ``out`` must not lie inside ``checkpoint``.
+
     Masks are ``probability > threshold``; ``None`` takes the checkpoint's (chosen on validation during
     training, 0.5 for a checkpoint without one). The report states it as ``threshold``.
     """
+    from pipeline import storage
     from segvlm.inference import check_threshold
 
     if threshold is not None:
         threshold = check_threshold(threshold)
+    checkpoint, data, out = (_absolute(x) for x in (checkpoint, data, out))
+    official_dir = _absolute(official_dir) if official_dir else None
+    for location in (out, official_dir):
+        if location and _inside(location, checkpoint):
+            raise ValueError(
+                f"{location}: an evaluation output may not lie inside the checkpoint {checkpoint}"
+            )
     quiet_environment()
     init_ray(ray_address)
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
@@ -118,15 +148,15 @@ def run_eval(
 
     from jobs.distributed import process_group_backend
 
-    out_dir = Path(out).resolve()
+    # an evaluation keeps no Ray checkpoints: Ray's run folder is scratch space on this node
+    scratch = tempfile.mkdtemp(prefix="segvlm-eval-ray-")
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
-            "checkpoint": str(Path(checkpoint).resolve()) if "://" not in checkpoint else checkpoint,
+            "checkpoint": checkpoint,
             "data": data,
             "split": split,
-            "official_dir": str(Path(official_dir).resolve()) if official_dir else None,
-            "out": str(out_dir),
+            "official_dir": official_dir,
             "batch_size": batch_size,
             "use_gpu": use_gpu,
             "threshold": threshold,
@@ -134,40 +164,73 @@ def run_eval(
         },
         torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        # an evaluation keeps no Ray checkpoints; its storage is scratch space
         run_config=RunConfig(
             name=f"segvlm-eval-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=tempfile.mkdtemp(),
+            storage_path=scratch,
             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if result.error:
         raise result.error
-    report = json.loads((out_dir / "report.json").read_text())
+    payload = result.return_value
+    if not payload:
+        raise RuntimeError("segvlm eval: rank 0 returned no report")
+    # what report.json holds, undefined metrics (NaN: an empty subset) as None, is what we return
+    report = json.loads(to_json(payload["summary"]))
+    files = {
+        "report.json": to_json(report, indent=2, sort_keys=True),
+        "report.md": payload["markdown"],
+        "pr_curve.json": json.dumps(payload["pr_curve"]),
+    }
+    for filename, text in files.items():
+        storage.write_bytes(storage.join(out, filename), text.encode())
     if tracking_uri is not None:
         from jobs.tracking import RunLogger
 
-        with RunLogger(
-            enabled=True,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            workdir=out_dir,
-            run_id=run_id,
-            run_name=None if run_id else f"eval-{Path(checkpoint).name}",
-        ) as logger:
-            logger.log_metrics({f"{split}/{k}": v for k, v in report.items()}, step=0)
-            logger.log_artifacts(out_dir, f"eval_{split}")
+        with tempfile.TemporaryDirectory(prefix="segvlm-eval-report-") as tmp:
+            for filename, text in files.items():
+                Path(tmp, filename).write_text(text)
+            with RunLogger(
+                enabled=True,
+                tracking_uri=tracking_uri,
+                experiment=experiment,
+                # a new experiment of a local sqlite store keeps its artifacts under workdir: not in tmp
+                workdir=str(Path("runs").resolve()) if storage.is_uri(out) else out,
+                run_id=run_id,
+                run_name=None if run_id else f"eval-{storage.name(checkpoint)}",
+            ) as logger:
+                logger.log_metrics({f"{split}/{k}": v for k, v in report.items()}, step=0)
+                logger.log_artifacts(tmp, f"eval_{split}")
     return report
 
 
+def _absolute(location: str) -> str:
+    """URIs as given; local paths absolute, since the workers run in other folders."""
+    from pipeline import storage
+
+    storage.check_location(location)
+    return location if storage.is_uri(location) else str(Path(location).resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segvlm eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a segvlm checkpoint folder")
+    parser = argparse.ArgumentParser(
+        prog="segvlm eval",
+        description=__doc__.split("\n\n")[0],
+        epilog="Every location may be a local folder or a URI (s3://bucket/path; S3 settings from the "
+        "standard AWS environment: AWS_ENDPOINT_URL, credentials, AWS_REGION).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a segvlm checkpoint folder (local or s3://...)")
     parser.add_argument("--data", required=True, help="shard folder or URI written by `segvlm prepare`")
     parser.add_argument("--split", default="test")
     parser.add_argument(
-        "--out", default=None, help="where report.json goes (default: <checkpoint>/eval-<split>)"
+        "--out",
+        default=None,
+        help="where report.json, report.md and pr_curve.json go (default: beside the checkpoint, "
+        "<checkpoint parent>/eval-<checkpoint name>-<split>; never inside the checkpoint)",
     )
     parser.add_argument("--official-dir", default=None, help="also write {task_id}.png per task here")
     parser.add_argument("--num-workers", type=int, default=1)
@@ -187,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--run-id", default=None, help="append to this MLflow run instead of a new one")
     args = parser.parse_args(argv)
-    if not Path(args.checkpoint).exists() and "://" not in args.checkpoint:
+    from pipeline import storage
+
+    try:
+        found = storage.is_dir(args.checkpoint)
+    except storage.StorageError as err:
+        print(f"segvlm eval: --checkpoint {err}")
+        return 2
+    if not found:
         print(f"segvlm eval: checkpoint not found: {args.checkpoint}")
         return 2
     if args.threshold is not None:
@@ -198,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"segvlm eval: --{err}")
             return 2
-    out = args.out or str(Path(args.checkpoint) / f"eval-{args.split}")
+    out = args.out or default_out(_absolute(args.checkpoint), args.split)
+    if _inside(_absolute(out), _absolute(args.checkpoint)):
+        print(f"segvlm eval: --out {out} lies inside the checkpoint {args.checkpoint}; pick another folder")
+        return 2
     report = run_eval(
         args.checkpoint,
         args.data,
@@ -216,5 +289,5 @@ def main(argv: list[str] | None = None) -> int:
     from segvlm.metrics import format_markdown_table
 
     print(format_markdown_table(report))
-    print(f"\nreport: {Path(out) / 'report.json'}")
+    print(f"\nreport: {storage.join(out, 'report.json')}")
     return 0

@@ -9,6 +9,7 @@ ranks may hold different numbers of batches; ``EvalResult.all_reduce`` merges th
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
@@ -65,6 +67,33 @@ def write_png_atomic(mask: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class PngWriter:
+    """Writes ``{task_id}.png`` (binary, 0/255) into a local folder or a URI folder (``s3://...``).
+
+    Local files go through a temp name and a rename. On an object store one PUT is already atomic (the
+    object appears whole or not at all), and a rename would cost a copy and a delete per mask.
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        from pipeline import storage
+
+        self.location = os.fspath(location)
+        self.filesystem, self.base = storage.resolve(self.location)
+        self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
+        self.filesystem.create_dir(self.base, recursive=True)
+
+    def write(self, task_id: str, mask: np.ndarray) -> None:
+        # the id names the file: it must stay one plain name inside the folder (raises otherwise)
+        path = safe_child(self.base if self.local else "/", f"{task_id}.png")
+        if self.local:
+            write_png_atomic(mask, path)
+            return
+        buffer = io.BytesIO()
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+        with self.filesystem.open_output_stream(f"{self.base}/{path.name}") as stream:
+            stream.write(buffer.getvalue())
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -87,9 +116,7 @@ def evaluate(
     """
     device = torch.device(device)
     result = EvalResult(metrics=EvalMetrics(), overlays=[])
-    out_dir = Path(official_dir) if official_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = PngWriter(official_dir) if official_dir else None
     was_training = model.training
     model.eval()
     seen = 0
@@ -107,9 +134,8 @@ def evaluate(
             height, width = int(batch["orig_height"][i]), int(batch["orig_width"][i])
             prob_full = probabilities_to_size(logits[i, 0], height, width)
             pred = (prob_full > threshold).numpy()
-            if out_dir is not None:
-                # the id names the file: it must stay one plain name inside out_dir (raises otherwise)
-                write_png_atomic(pred, safe_child(out_dir, f"{task_id}.png"))
+            if pngs is not None:
+                pngs.write(task_id, pred)
             # the official ground truth: polygons (original-image pixels) rasterised at the original size
             gt = rasterize_polygons(batch["polygons"][i], width, height).astype(bool)
             if (

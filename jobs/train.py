@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,12 @@ def run_training(
 ) -> dict[str, Any]:
     """Run (or resume) one training run and return ``{run_id, best_checkpoint, best_score, steps, seconds}``.
 
-    The best checkpoint (by validation mean IoU) is copied to ``<workdir>/<run_name>/best`` (a segvlm
-    checkpoint folder) and registered in MLflow with the alias ``best``.
+    Storage is a location (``pipeline.storage``): ``train.storage_path`` (Ray Train checkpoints, default
+    ``<workdir>/ray_results``) and ``train.best_path`` (the best checkpoint by validation mean IoU, a segvlm
+    checkpoint folder, default ``<workdir>/<run_name>/best``) may each be a local folder or ``s3://...``;
+    the best checkpoint is also registered in MLflow with the alias ``best``. On several nodes
+    ``storage_path`` must be a location every node reaches (S3, or a shared mount): the workers upload
+    their checkpoints there and the driver reads them back from there, never from a worker's disk.
 
     Runs on the driver. With ``cfg.tracking.relay`` (``auto``: a loopback tracking server) it first starts a
     tracking relay actor on this node, through which the rank-0 worker logs; it is stopped after the fit.
@@ -62,21 +65,34 @@ def run_training(
     from jobs.distributed import process_group_backend
     from jobs.tracking import RunLogger, resolve_tracking_uri
     from jobs.tracking_relay import needs_relay, start_relay, stop_relay
-    from jobs.train_loop import FAIL_ENV, MODEL_DIR, SCORE_KEY, TRAIN_STATE, train_loop_per_worker
+    from jobs.train_loop import (
+        FAIL_ENV,
+        MODEL_DIR,
+        SCORE_KEY,
+        TRAIN_STATE,
+        checkpoint_directory,
+        train_loop_per_worker,
+    )
+    from pipeline import storage as locations
     from pipeline.manifest import manifest_hash
 
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     run_name = cfg.train.run_name or time.strftime("segvlm-%Y%m%d-%H%M%S")
-    storage = cfg.train.storage_path or str(workdir / "ray_results")
+    storage = _location(cfg.train.storage_path or str(workdir / "ray_results"))
+    best_location = _location(cfg.train.best_path or str(workdir / run_name / "best"))
     cfg = dataclasses.replace(
         cfg,
         workdir=str(workdir),
-        train=dataclasses.replace(cfg.train, run_name=run_name, storage_path=storage),
+        train=dataclasses.replace(
+            cfg.train, run_name=run_name, storage_path=storage, best_path=best_location
+        ),
     )
     tracking = resolve_tracking_uri(tracking_uri if tracking_uri is not None else cfg.tracking.uri, workdir)
     # the driver runs on the head, next to a loopback-only MLflow server that the GPU nodes cannot reach
-    relay = start_relay() if needs_relay(cfg.tracking.relay, tracking) else None
+    # a local store (sqlite) lives on the driver's disk: workers on other nodes must log through the relay
+    local_store = cfg.tracking.relay == "auto" and _is_local_store(tracking) and _spans_nodes(ray_address)
+    relay = start_relay() if needs_relay(cfg.tracking.relay, tracking) or local_store else None
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -122,39 +138,56 @@ def run_training(
     best_checkpoint, best_metrics = max(
         result.best_checkpoints, key=lambda item: item[1].get(SCORE_KEY, -1.0)
     )
-    best_dir = workdir / run_name / "best"
-    with best_checkpoint.as_directory() as ckpt_dir:
+    # the checkpoint lives in the storage location (S3 on a cluster): as_directory downloads it here
+    with checkpoint_directory(best_checkpoint) as ckpt_dir:
         import torch
 
         state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
-        tmp = best_dir.with_name("best.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(Path(ckpt_dir) / MODEL_DIR, tmp)
-        shutil.rmtree(best_dir, ignore_errors=True)
-        tmp.rename(best_dir)
-
-    run_id = state["run_id"]
-    logger = RunLogger(
-        enabled=True,
-        tracking_uri=tracking,
-        experiment=cfg.tracking.experiment,
-        workdir=workdir,
-        run_id=run_id,
-    )
-    with logger:
-        version = logger.log_checkpoint_model(best_dir, cfg.tracking.registered_model, alias="best")
-        logger.set_tags({"best_step": best_metrics.get("step"), "best_checkpoint": str(best_dir)})
+        locations.upload_dir(Path(ckpt_dir) / MODEL_DIR, best_location)
+        run_id = state["run_id"]
+        logger = RunLogger(
+            enabled=True,
+            tracking_uri=tracking,
+            experiment=cfg.tracking.experiment,
+            workdir=workdir,
+            run_id=run_id,
+        )
+        with logger:
+            version = logger.log_checkpoint_model(
+                Path(ckpt_dir) / MODEL_DIR, cfg.tracking.registered_model, alias="best"
+            )
+            logger.set_tags({"best_step": best_metrics.get("step"), "best_checkpoint": best_location})
     return {
         "run_id": run_id,
         "run_name": run_name,
         "tracking_uri": tracking,
-        "best_checkpoint": str(best_dir),
+        "best_checkpoint": best_location,
         "best_score": float(best_metrics.get(SCORE_KEY, -1.0)),
         "best_step": int(best_metrics.get("step", 0)),
         "registered_version": version,
-        "steps": int(state["step"]),
+        "steps": int((result.metrics or {}).get("step", state["step"])),  # the last checkpoint, not the best
         "seconds": seconds,
     }
+
+
+def _is_local_store(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
+def _spans_nodes(ray_address: str | None) -> bool:
+    """Whether workers may run on another node: a cluster we connected to (it may add nodes later, as the
+    autoscaler does), or a running instance with more than one node."""
+    import ray
+
+    return bool(ray_address) or sum(1 for node in ray.nodes() if node.get("Alive")) > 1
+
+
+def _location(location: str) -> str:
+    """A URI as given, a local path made absolute (Ray workers run in other folders)."""
+    from pipeline import storage
+
+    storage.check_location(location)
+    return location if storage.is_uri(location) else str(Path(location).resolve())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,24 @@ def _maybe_inject_failure(spec: str | None, step: int, rank: int) -> None:
         os._exit(1)  # a hard kill, as a lost node or an OOM would do: no cleanup, no exception
 
 
+@contextmanager
+def checkpoint_directory(checkpoint: Any) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder of this process: a download into a private temporary
+    folder when it lives in remote storage (S3), the folder itself when it is local.
+
+    Not ``Checkpoint.as_directory``: for a remote checkpoint it shares one download folder between the
+    processes of a node, and a worker that arrives after the first download finished downloads again into
+    it while the first reads (measured: ``PytorchStreamReader failed reading file`` on resume from S3).
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="segvlm-resume-") as tmp:
+        yield Path(checkpoint.to_directory(tmp))
+
+
 def _save_train_checkpoint(
     directory: Path,
     model: torch.nn.Module,
@@ -165,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
+        with checkpoint_directory(checkpoint) as ckpt_dir:
             load_weights(model, Path(ckpt_dir) / MODEL_DIR)
             saved = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved.pop("optimizer"))

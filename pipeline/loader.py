@@ -33,15 +33,15 @@ same code runs under Ray Train, torchrun, or a test that simulates ranks in one 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
+import posixpath
 import re
 import sys
 import tarfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -50,6 +50,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.prompts import singular
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
 from pipeline.validate import LOADER_MAX_MEMBER_BYTES, check_sample_sizes
@@ -87,35 +88,61 @@ MAX_MEMBER_BYTES = LOADER_MAX_MEMBER_BYTES
 def list_shards(
     urls_or_dir: str | os.PathLike | Sequence[str], split: str = "train"
 ) -> tuple[list[str], dict]:
-    """Shard URLs and ``{shard basename: samples}`` (empty when unknown).
+    """Shard locations and ``{shard basename: samples}`` (empty when unknown).
 
-    ``urls_or_dir`` is a folder (shards ``{split}-*.tar``, listed from its ``sizes.json`` when present,
-    else globbed), a single path, a webdataset brace pattern (``dir/train-{000000..000009}.tar``) or a list.
-    The list is sorted, so every rank and worker sees the same order.
+    ``urls_or_dir`` is a folder, local or a URI (``s3://bucket/phrasecut/train``; shards ``{split}-*.tar``,
+    listed from its ``sizes.json`` when present, else from the folder), a single shard, a webdataset brace
+    pattern (``dir/train-{000000..000009}.tar``) or a list of those. Locations keep their kind: shards of an
+    ``s3://`` folder are ``s3://`` URIs, opened later by ``pipeline.storage.open_input`` in the loader
+    worker. ``pipe:`` and unknown schemes raise ``pipeline.storage.StorageError``. The list is sorted, so
+    every rank and worker sees the same order.
     """
     sizes: dict[str, int] = {}
-    if isinstance(urls_or_dir, str | os.PathLike) and os.path.isdir(urls_or_dir):
-        folder = os.fspath(urls_or_dir)
-        sizes_path = os.path.join(folder, "sizes.json")
+    if isinstance(urls_or_dir, str | os.PathLike):
+        location = storage.check_location(urls_or_dir)
+        if not storage.is_uri(location):  # loader workers may run in another folder
+            location = os.path.abspath(location)
         pattern = re.compile(rf"^{re.escape(split)}-\d+\.tar$")
-        if os.path.exists(sizes_path):
-            with open(sizes_path) as f:
-                all_sizes = json.load(f)
-            sizes = {name: int(n) for name, n in all_sizes.items() if pattern.match(os.path.basename(name))}
-            urls = sorted(os.path.join(folder, os.path.basename(name)) for name in sizes)
+        if "{" not in location and storage.is_dir(location):
+            sizes_path = storage.join(location, "sizes.json")
+            if storage.exists(sizes_path):
+                all_sizes = json.loads(storage.read_bytes(sizes_path))
+                sizes = {
+                    posixpath.basename(name): int(n)
+                    for name, n in all_sizes.items()
+                    if pattern.match(posixpath.basename(name))
+                }
+                urls = sorted(storage.join(location, name) for name in sizes)
+            else:
+                urls = sorted(u for u in storage.list_files(location) if pattern.match(storage.name(u)))
         else:
-            urls = sorted(
-                p
-                for p in glob.glob(os.path.join(folder, f"{split}-*.tar"))
-                if pattern.match(os.path.basename(p))
-            )
-    elif isinstance(urls_or_dir, str | os.PathLike):
-        urls = sorted(wds.shardlists.expand_urls(os.fspath(urls_or_dir)))
+            urls = sorted(wds.shardlists.expand_urls(location))
     else:
-        urls = sorted(os.fspath(u) for u in urls_or_dir)
+        urls = sorted(storage.check_location(u) for u in urls_or_dir)
     if not urls:
         raise FileNotFoundError(f"no {split!r} shards found in {urls_or_dir!r}")
     return urls, sizes
+
+
+def _open_shards(
+    sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool] = wds.reraise_exception
+) -> Iterator[dict[str, Any]]:
+    """``{"url"}`` -> ``{"url", "stream"}`` through ``pipeline.storage`` (local files, S3, GCS...), never
+    webdataset's ``gopen`` (which has no S3 and runs ``pipe:`` URLs in a shell). Each stream is closed when
+    the next shard is requested."""
+    for source in sources:
+        url = source["url"]
+        try:
+            stream = storage.open_input(url)
+        except Exception as exn:
+            exn.args = (*exn.args, url)
+            if handler(exn):
+                continue
+            break
+        try:
+            yield {**source, "stream": stream}
+        finally:
+            stream.close()
 
 
 def _select_members(fname: str) -> bool:
@@ -153,7 +180,7 @@ def _capped_members(sources: Iterable[dict[str, Any]], handler: Any) -> Iterator
 def _read_tar_samples(src: Iterable[dict[str, Any]], handler: Any = wds.reraise_exception):
     """URLs -> samples, as ``wds.tarfile_to_samples`` with ``select_files=_select_members``, plus the
     member size cap (``_capped_members``)."""
-    streams = wds.tariterators.url_opener(src, handler=handler)
+    streams = _open_shards(src, handler)  # pyarrow.fs (local, s3://...), never webdataset's gopen
     return wds.tariterators.group_by_keys(_capped_members(streams, handler), handler=handler)
 
 

@@ -407,7 +407,9 @@ class TrainConfig:
     overlays: int = 8  # prediction overlays logged per validation
     time_budget_s: float = 0.0  # > 0: stop (and run the final validation) after this many seconds
     run_name: str = ""  # Ray Train run name; rerunning with the same name resumes
+    # locations: a folder or a URI (s3://...)
     storage_path: str = ""  # Ray Train storage (checkpoints); "" = <workdir>/ray_results
+    best_path: str = ""  # where the best checkpoint is copied; "" = <workdir>/<run_name>/best
 
     def validate(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0 or self.num_workers <= 0:
