@@ -213,7 +213,7 @@ def score_official_pngs(
     for record, _ in iter_shard_set(shards, split):
         width, height = int(record.orig_width), int(record.orig_height)
         for task in record.tasks:
-            png = Path(pred_dir) / f"{task.task_id}.png"
+            png = safe_child(pred_dir, f"{task.task_id}.png")
             if png.exists():
                 with Image.open(png) as picture:
                     pred = np.asarray(picture.convert("L")) > 0

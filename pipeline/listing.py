@@ -21,7 +21,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeline.jsonstream import iter_json_list
@@ -254,17 +254,3 @@ def unpack(packed: PackedEntry, split: str, source_file: str) -> Any:
 def packed_image_file(packed: PackedEntry) -> str | None:
     """``images/{image_id}.jpg`` of a packed entry (None for the orphans), as ``ImageEntry.image_file``."""
     return None if packed[0] is None else f"images/{json.loads(packed[0])}.jpg"
-
-
-def entry_sizes(root: str, images: Sequence[tuple[str, str | None, Any]]) -> list[int]:
-    """Source image bytes per ``(key, image, image_id)`` (0 when missing): what ``--shard-bytes`` packs by."""
-    sizes = []
-    for _, image, image_id in images:
-        if image is None:
-            sizes.append(0)
-            continue
-        try:
-            sizes.append(os.path.getsize(os.path.join(root, f"images/{image_id}.jpg")))
-        except OSError:
-            sizes.append(0)
-    return sizes

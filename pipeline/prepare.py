@@ -59,8 +59,10 @@ from pipeline.validate import (
     DEFAULT_MAX_PIXELS,
     LOADER_MAX_MEMBER_BYTES,
     LOADER_MAX_PIXELS,
+    UnsafePathError,
     id_error,
     meta_size,
+    resolve_inside,
     structure_error,
     text_error,
 )
@@ -157,17 +159,6 @@ def entry_key(entry: Any, source: str) -> str:
     return ORPHANS_KEY if entry.image_id is None else make_key(source, entry.image_id)
 
 
-def entry_size(entry: Any, root: str) -> int:
-    """Source image bytes, the estimate ``--shard-bytes`` groups by (0 when the file is missing)."""
-    if entry.image_id is None:
-        return 0
-    path = os.path.join(root, entry.image_file)
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 def group_keys(
     sizes: Iterable[int | None], *, shard_samples: int | None = None, shard_bytes: int | None = None
 ) -> Iterator[list[int]]:
@@ -232,7 +223,7 @@ def plan_listing(listing: Listing, config: PrepareConfig) -> list[ShardPlan]:
         keys.append(key)
         images.append(image)
         if config.shard_bytes is not None:
-            sizes.append(0 if image is None else _file_size(os.path.join(root, f"images/{image_id}.jpg")))
+            sizes.append(0 if image is None else image_file_size(root, f"images/{image_id}.jpg"))
     groups = group_keys(
         sizes if config.shard_bytes is not None else (None for _ in keys),
         shard_samples=config.shard_samples,
@@ -250,10 +241,12 @@ def plan_listing(listing: Listing, config: PrepareConfig) -> list[ShardPlan]:
     ]
 
 
-def _file_size(path: str) -> int:
+def image_file_size(root: str, relative: str) -> int:
+    """Bytes of an image inside ``root``, the estimate ``--shard-bytes`` groups by: 0 when it is missing or
+    resolves outside the root (never even stat a file a hostile id or symlink points to)."""
     try:
-        return os.path.getsize(path)
-    except OSError:
+        return os.path.getsize(resolve_inside(root, relative))
+    except (OSError, UnsafePathError):
         return 0
 
 

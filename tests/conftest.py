@@ -32,3 +32,15 @@ def s3_server(tmp_path_factory):
     server = start_s3_server(tmp_path_factory.mktemp("s3"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance (2 CPUs) for one test module, started the way the jobs start theirs."""
+    import ray
+
+    from jobs.common import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()

@@ -24,18 +24,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["S3Server", "free_port", "start_s3_server", "weed_binary"]
+__all__ = ["S3Server", "start_s3_server", "weed_binary"]
 
 ACCESS_KEY = "segvlmtest"
 SECRET_KEY = "segvlmtest-secret-key"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it); races are possible but rare."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _free_ports(count: int) -> list[int]:

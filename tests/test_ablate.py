@@ -71,17 +71,6 @@ def test_ladder_pure_helpers():
         assert trainable[i] > trainable[i - 1], f"{rungs[i].name} should add trainable parameters"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from jobs.common import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def test_rungs_run_under_one_parent_run(ray_local, tmp_path, capsys):
     from mlflow import MlflowClient
 

@@ -8,7 +8,6 @@ runs in a two-process group below and in the two-worker Ray tests (tests/test_tr
 from __future__ import annotations
 
 import ast
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from jobs.distributed import (
     device_backends,
     process_group_backend,
 )
+from tests.servers import free_port
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -128,12 +128,6 @@ def test_no_module_in_jobs_reaches_torch_distributed_but_the_helper():
     assert "dist.all_reduce(" in (JOBS / "distributed.py").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: dict) -> None:
     import torch.distributed as dist
 
@@ -154,7 +148,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_collectives_over_a_real_two_process_gloo_group():
-    port = _free_port()
+    port = free_port()
     with mp.Manager() as manager:
         out = manager.dict()
         mp.start_processes(_worker, args=(port, out), nprocs=2, start_method="spawn", join=True)

@@ -440,3 +440,17 @@ def test_relay_allowlist_is_exactly_what_run_logger_forwards():
     forwarded = set(re.findall(r"@_relayable\s+def (\w+)", source))
     forwarded |= set(re.findall(r'_relay_call\(\s*"(\w+)"', source))
     assert forwarded == set(RELAYED_METHODS)
+
+
+def test_shard_bytes_estimate_never_stats_outside_the_root(tmp_path):
+    from pipeline.prepare import image_file_size
+
+    root, outside = tmp_path / "root", tmp_path / "outside.jpg"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "inside.jpg").write_bytes(b"x" * 5)
+    outside.write_bytes(b"y" * 100)
+    (root / "images" / "link.jpg").symlink_to(outside)
+    assert image_file_size(str(root), "images/inside.jpg") == 5
+    assert image_file_size(str(root), "images/link.jpg") == 0
+    assert image_file_size(str(root), "images/../../outside.jpg") == 0
+    assert image_file_size(str(root), "images/missing.jpg") == 0

@@ -21,17 +21,6 @@ from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from jobs.common import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder`` (symlinks not followed) with its size and mtime."""
     out = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
+from tests.servers import two_node_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -90,43 +90,15 @@ def markers(directory: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    import ray.cloudpickle
-    from ray.cluster_utils import Cluster
-
-    from jobs.common import init_ray, quiet_environment
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 token authentication: off for this local cluster
-    quiet_environment()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            # notice a killed node in seconds rather than the default ~30 s
-            "_system_config": {
-                "health_check_initial_delay_ms": 0,
-                "health_check_period_ms": 1000,
-                "health_check_failure_threshold": 5,
-            },
-        },
-    )
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        init_ray(cluster.address)
-        # the recorders above live in this test module, which Ray workers cannot import: ship them by value
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    # notice a killed node in seconds rather than the default ~30 s
+    health = {
+        "health_check_initial_delay_ms": 0,
+        "health_check_period_ms": 1000,
+        "health_check_failure_threshold": 5,
+    }
+    # the recorders above live in this test module, which Ray workers cannot import: it travels by value
+    with two_node_cluster(sys.modules[__name__], {"_system_config": health}) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def head_node_id(cluster) -> str:

@@ -11,7 +11,6 @@ through S3 or through Ray (the eval report is rank 0's return value, MLflow call
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 
 from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
 from tests.s3_server import aws_environment
+from tests.servers import two_node_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -69,32 +69,9 @@ def markers(directory: Path, function_name: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    import ray
-    import ray.cloudpickle
-    from ray.cluster_utils import Cluster
-
-    from jobs.common import init_ray, quiet_environment
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    quiet_environment()
     # the nodes inherit the AWS settings, as cluster nodes get theirs from their instance configuration
-    with aws_environment(s3_server):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        try:
-            cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            init_ray(cluster.address)
-            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-            assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            if saved is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = saved
+    with aws_environment(s3_server), two_node_cluster(sys.modules[__name__]) as cluster:
+        yield cluster
 
 
 def test_train_and_eval_finish_with_node_local_disks_only(cluster, s3_server, tmp_path, monkeypatch):

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
-from tests.s3_server import aws_environment, free_port
+from tests.s3_server import aws_environment
+from tests.servers import mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -152,46 +150,6 @@ def test_shards_on_s3_are_the_local_shards_and_the_loaders_stream_them(aws, data
         )
 
 
-def _start_mlflow_server(tmp_path: Path, artifacts: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "wb")  # noqa: SIM115 (closed with the process)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            artifacts,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=os.environ | env | {"MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server, uri
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(
-                    f"mlflow server did not come up: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}"
-                )
-            time.sleep(1)
-
-
 def test_prepare_train_with_a_killed_worker_and_eval_with_every_output_on_s3(
     aws, data, tmp_path, monkeypatch
 ):
@@ -208,8 +166,7 @@ def test_prepare_train_with_a_killed_worker_and_eval_with_every_output_on_s3(
     from segvlm.checkpoint import load_checkpoint
 
     root, clip = data
-    server, uri = _start_mlflow_server(tmp_path, aws.uri("mlflow"), aws.env)
-    try:
+    with mlflow_server(tmp_path, aws.uri("mlflow"), aws.env) as uri:
         marker = tmp_path / "killed"
         # rank 1 dies hard at step 7: step 6 was logged, the newest checkpoint is step 4's
         monkeypatch.setenv(FAIL_ENV, f"7:1:{marker}")
@@ -298,6 +255,3 @@ def test_prepare_train_with_a_killed_worker_and_eval_with_every_output_on_s3(
             official = score_official_pngs(pngs, root / "test", split="test")
         assert official["official/mean_iou"] == pytest.approx(report["official/mean_iou"], rel=1e-12)
         print(f"whole pipeline on S3 (train + eval): {time.perf_counter() - started:.1f} s")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

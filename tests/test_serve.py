@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from segvlm.checkpoint import save_checkpoint
 from segvlm.inference import Predictor
 from segvlm.registry import build_model, model_config
 from segvlm.serving import RequestError, RequestLimits, decode_image_b64, parse_rows, serve_rows
+from tests.servers import free_port
 
 SIZE = 64
 PHRASE = "the red circle"
@@ -340,10 +340,6 @@ def test_logged_pyfunc_predicts_like_segvlm_predict_and_refuses_bad_requests(
 
 
 # ------------------------------------------------------------------------------------- real servers (slow)
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -409,7 +405,7 @@ def test_mlflow_models_serve_answers_http_with_the_mask_of_segvlm_predict(
         "TRANSFORMERS_OFFLINE": "1",
     }
     mlflow_bin = str(Path(bin_dir) / "mlflow")
-    tracking_port, serve_port = _free_port(), _free_port()
+    tracking_port, serve_port = free_port(), free_port()
     tracking_uri = f"http://127.0.0.1:{tracking_port}"
     served = tmp_path / "server-artifacts"
     tracking = _start(

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from jobs import submit
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -95,16 +95,12 @@ def test_usage_errors() -> None:
 
 
 def test_unreachable_dashboard_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code = submit.main(["--address", f"http://127.0.0.1:{_free_port()}", "--status", "x"])
+    code = submit.main(["--address", f"http://127.0.0.1:{free_port()}", "--status", "x"])
     assert code == 2
     assert "cannot reach the Ray dashboard" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- real cluster
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -154,13 +150,13 @@ def _start_cluster(tmp: Path, auth_mode: str) -> tuple[subprocess.Popen, str, Cl
     )
     if token:
         env["RAY_AUTH_TOKEN"] = token
-    dash = _free_port()
+    dash = free_port()
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+        "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-        "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-        "--metrics-export-port", str(_free_port()), "--num-cpus", "2", "--temp-dir", temp_dir,
+        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+        "--metrics-export-port", str(free_port()), "--num-cpus", "2", "--temp-dir", temp_dir,
         "--disable-usage-stats",
     ]  # fmt: skip
     log = open(tmp / "ray-start.log", "w")  # noqa: SIM115 - lives as long as the cluster

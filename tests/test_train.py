@@ -6,31 +6,16 @@ One module-scoped Ray instance and one tiny data set (synthetic scenes → ``pre
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
+from tests.servers import mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from jobs.common import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -228,50 +213,11 @@ def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_
             assert official[key] == pytest.approx(report[key], rel=1e-12), key
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
     from jobs.train import run_training
 
     root, clip = data
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail("mlflow server did not come up")
-                time.sleep(1)
+    with mlflow_server(tmp_path, str(tmp_path / "server-artifacts")) as uri:
         cfg = experiment(
             root,
             clip,
@@ -298,6 +244,3 @@ def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
         assert run.data.tags[RELAY_TAG] == ray.get_runtime_context().get_node_id()
         assert any("pr_curve" in a.path for a in client.list_artifacts(out["run_id"], "val"))
         assert client.list_artifacts(out["run_id"], "images"), "prediction overlays were not logged"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
