@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
+from tests.fixtures_train import IMAGE_SIZE, make_scene_data, tiny_experiment
 from tests.s3_server import aws_environment
 from tests.servers import mlflow_server
 
@@ -46,27 +46,8 @@ def ray_local(aws):
 @pytest.fixture(scope="module")
 def data(aws, ray_local, tmp_path_factory):
     """Scenes → ``prepare`` of train/val/test twice, to S3 and to local disk (the reference)."""
-    from pipeline.prepare import PrepareConfig, run_prepare
-    from pipeline.scenes import SCENE_WORDS, write_scenes
-    from segvlm.backbone import make_tiny_clip
-    from segvlm.tokenizer import DEFAULT_TINY_WORDS
-
     root = tmp_path_factory.mktemp("s3-data")
-    write_scenes(root / "scenes", n_images=60, seed=3, size=IMAGE_SIZE)
-    for split in ("train", "val", "test"):
-        for out in (aws.uri("data", split), str(root / split)):
-            config = PrepareConfig(
-                source="scenes",
-                root=str(root / "scenes"),
-                split=split,
-                out=out,
-                shard_samples=7,
-                synthetic_prompts=split == "train",
-                seed=0,
-                progress_every=60.0,
-            )
-            run_prepare(config, log=lambda _: None)
-    clip = make_tiny_clip(root / "clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)))
+    clip = make_scene_data(root, lambda split: [aws.uri("data", split), str(root / split)])
     return root, clip
 
 

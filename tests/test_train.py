@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
+from tests.fixtures_train import IMAGE_SIZE, make_scene_data, tiny_experiment
 from tests.servers import mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -20,28 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def data(ray_local, tmp_path_factory):
-    from pipeline.prepare import PrepareConfig, run_prepare
-    from pipeline.scenes import SCENE_WORDS, write_scenes
-    from segvlm.backbone import make_tiny_clip
-    from segvlm.tokenizer import DEFAULT_TINY_WORDS
-
     root = tmp_path_factory.mktemp("train-data")
-    write_scenes(root / "scenes", n_images=60, seed=3, size=IMAGE_SIZE)
-    for split in ("train", "val", "test"):
-        # 7 images a shard: the 48 training images give shards of 7 × 6 + 6, so ranks read uneven shards
-        config = PrepareConfig(
-            source="scenes",
-            root=str(root / "scenes"),
-            split=split,
-            out=str(root / split),
-            shard_samples=7,
-            synthetic_prompts=split == "train",
-            seed=0,
-            progress_every=60.0,
-        )
-        run_prepare(config, log=lambda _: None)
-    clip = make_tiny_clip(root / "clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)))
-    return root, clip
+    return root, make_scene_data(root)
 
 
 def experiment(root: Path, clip: Path, workdir: Path, *overrides: str):
