@@ -44,10 +44,24 @@ def artifact_root(tracking_uri: str, workdir: str | Path) -> str | None:
     return None
 
 
+def use_tracking_uri(tracking_uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect on ``$MLFLOW_TRACKING_URI``: that variable stays
+    the user's, so a later job in this process (another workdir) is not sent to this store, and Ray workers
+    started later do not inherit a local path of this node."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def get_or_create_experiment(tracking_uri: str, name: str, workdir: str | Path) -> str:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    use_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id

@@ -87,6 +87,32 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     )  # --tracking-uri / tracking.uri
 
 
+def test_two_jobs_in_one_process_each_log_to_their_own_workdir(monkeypatch, tmp_path):
+    # mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; the first job's store must not become the
+    # second job's default (nor reach Ray workers as if the user had chosen it)
+    from mlflow import MlflowClient
+
+    from jobs.tracking import RunLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_ids = []
+    for name in ("first", "second"):
+        with RunLogger(enabled=True, workdir=tmp_path / name, experiment="two-jobs") as logger:
+            logger.log_metrics({"job_index": len(run_ids)}, step=0)
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        run_ids.append(logger.run_id)
+    for index, name in enumerate(("first", "second")):
+        client = MlflowClient(f"sqlite:///{tmp_path.resolve() / name / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("two-jobs").experiment_id])
+        assert [(r.info.run_id, r.data.metrics["job_index"]) for r in runs] == [(run_ids[index], index)]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path.resolve() / 'users.db'}")
+    with RunLogger(enabled=True, workdir=tmp_path / "third", experiment="two-jobs"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path.resolve() / 'users.db'}"
+    assert (tmp_path / "users.db").exists() and not (tmp_path / "third" / "mlflow.db").exists()
+
+
 def test_eval_logs_to_mlflow_tracking_uri_when_no_flag(monkeypatch, tmp_path):
     from jobs import eval as eval_job
 

@@ -228,8 +228,9 @@ def logged(ckpt, tmp_path_factory):
     with RunLogger(enabled=True, workdir=workdir, experiment="serve-test") as logger:
         assert logger.log_checkpoint_model(ckpt, REGISTERED) == "1"
     assert sys.path == path_before  # the model's temporary code folder is not left on sys.path
-    mlflow.set_tracking_uri(logger.tracking_uri)
-    local = mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}@best", dst_path=str(workdir / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/{REGISTERED}@best", dst_path=str(workdir / "dl"), tracking_uri=logger.tracking_uri
+    )
     return logger.tracking_uri, Path(local)
 
 
@@ -316,8 +317,10 @@ def test_logged_pyfunc_predicts_like_segvlm_predict_and_refuses_bad_requests(
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
+    from jobs.tracking import use_tracking_uri
+
     uri, _ = logged
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@best")
     png, _ = images
     out = model.predict(
