@@ -30,7 +30,7 @@ import sys
 import tempfile
 from typing import Any
 
-PHRASECUT_IMAGES = 77362  # train + val + test + miniv images (SPEC 3.1)
+PHRASECUT_IMAGES = 77362  # train + val + test + miniv images
 TASKS_PER_IMAGE = 4.33  # 346,307 tasks over 77,362 images
 WIDTH, HEIGHT = 32, 24
 NAMES = ("man", "shirt", "tree", "sky", "window", "car", "building", "sign", "wall", "grass", "table", "cup")

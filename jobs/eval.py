@@ -1,4 +1,4 @@
-"""``segvlm eval``: distributed evaluation of a checkpoint on a shard set, with every metric of SPEC 6.
+"""``segvlm eval``: distributed evaluation of a checkpoint on a shard set, with every PhraseCut metric.
 
 Launch::
 

@@ -1,8 +1,8 @@
 """Evaluation shared by validation during training and ``segvlm eval``.
 
-``evaluate`` runs a model over an evaluation loader (every task once across ranks), accumulates the metric
-sums of SPEC 6 and, optionally, writes one binary PNG per task at the original image size (the layout the
-PhraseCut evaluator reads) and collects overlays. It does no collective operation inside the loop, since
+``evaluate`` runs a model over an evaluation loader (every task once across ranks), accumulates the sums of
+every PhraseCut metric and, optionally, writes one binary PNG per task at the original image size (the layout
+the PhraseCut evaluator reads) and collects overlays. It does no collective operation inside the loop, since
 ranks may hold different numbers of batches; ``EvalResult.all_reduce`` merges the sums afterwards.
 """
 

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--shard-samples", type=int, default=None, help=f"images per shard ({DEFAULT_SHARD_SAMPLES})"
     )
     size.add_argument("--shard-bytes", type=int, default=None, help="source image bytes per shard (estimate)")
-    parser.add_argument("--synthetic-prompts", action="store_true", help="add generated prompts (SPEC 3.3)")
+    parser.add_argument("--synthetic-prompts", action="store_true", help="add generated prompts")
     parser.add_argument(
         "--prompt-rates", nargs="*", default=[], metavar="KIND=R", help="prompts per task and kind"
     )

@@ -1,4 +1,4 @@
-"""Make a synthetic prompt dataset (SPEC 3.3) from a finished shard set: same images, more phrases per image.
+"""Make a synthetic prompt dataset from a finished shard set: same images, more phrases per image.
 
 Launch::
 

@@ -1,4 +1,4 @@
-"""Generate a synthetic-scenes dataset in the PhraseCut folder layout (SPEC 3.4).
+"""Generate a synthetic-scenes dataset in the PhraseCut folder layout.
 
 Launch::
 

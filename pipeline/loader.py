@@ -1,6 +1,6 @@
 """WebDataset loaders for training and evaluation (open_clip's ``get_wds_dataset`` is the model).
 
-Shards hold one sample per image (SPEC 3.2): ``jpg`` bytes and ``json`` = ``ImageRecord.to_json()``. Both
+Shards hold one sample per image: ``jpg`` bytes and ``json`` = ``ImageRecord.to_json()``. Both
 loaders read only those two members — ``select_files`` drops every other tar member *before it is read*,
 so nothing is ever unpickled or handed to webdataset's auto-decoders — and expand each image into one
 item per task, decoding the JPEG once per image.
@@ -15,7 +15,7 @@ Training (``make_train_loader``)
     it once for all its phrases (``image_index``).
     The stream is endless, and every rank takes exactly ``steps_per_epoch`` batches
     from it (split over its loader workers), so all ranks run the same number of steps however uneven the
-    shards are (SPEC 7: unequal batch counts hang DDP). Without ``steps_per_epoch``/``samples_per_epoch``
+    shards are (unequal batch counts hang DDP). Without ``steps_per_epoch``/``samples_per_epoch``
     the loader is infinite (``next()`` it for as long as you train).
 
 Evaluation (``make_eval_loader``)
@@ -320,7 +320,7 @@ def _split_batches(total: int, workers: int) -> list[int]:
 
 
 class _NegativeSource:
-    """Negatives at rate ``r`` among emitted items (CLIPSeg used 0.2, SPEC 3.3).
+    """Negatives at rate ``r`` among emitted items (CLIPSeg used 0.2).
 
     For each positive kept, a geometric number of negatives (mean ``r / (1 - r)``) is owed; owed negatives
     are paid from the image's own ``kind == "negative"`` tasks when the shard has them (drawn with
@@ -393,7 +393,7 @@ def _name(task: Task) -> str:
 
 class _TypeBalancer:
     """Even phrase types by streaming rejection: a positive of type ``t`` is kept with probability
-    ``min_count / count[t]`` over the types seen so far by this worker (SPEC 4.1: name-type phrases were
+    ``min_count / count[t]`` over the types seen so far by this worker (name-type phrases were
     only 18% of the prototype's data). Unknown types pass untouched."""
 
     def __init__(self, rng: np.random.Generator) -> None:

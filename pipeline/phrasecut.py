@@ -1,4 +1,4 @@
-"""PhraseCut reader: the official folder layout (SPEC 3.1) to :class:`~pipeline.schema.ImageRecord` s.
+"""PhraseCut reader: the official folder layout to :class:`~pipeline.schema.ImageRecord` s.
 
 Layout::
 

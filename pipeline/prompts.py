@@ -1,4 +1,4 @@
-"""Synthetic prompts (SPEC 3.3): more phrases per image that still refer to exactly the same mask.
+"""Synthetic prompts: more phrases per image that still refer to exactly the same mask.
 
 From every ``original`` task of an :class:`~pipeline.schema.ImageRecord` the generator derives
 

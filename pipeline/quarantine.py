@@ -1,4 +1,4 @@
-"""Quarantine: records set aside with a reason, written to ``quarantine.parquet`` (SPEC 3.1).
+"""Quarantine: records set aside with a reason, written to ``quarantine.parquet``.
 
 Bad records never crash a job and never pass silently: the reader turns each into a
 :class:`~pipeline.schema.QuarantineRecord` and the job writes them here, one row per task.

@@ -1,4 +1,4 @@
-"""Synthetic scenes (SPEC 3.4): rendered shapes with exact polygons and unambiguous referring expressions.
+"""Synthetic scenes: rendered shapes with exact polygons and unambiguous referring expressions.
 
 A scene is 2–5 shapes (8 kinds, 8 colours, 3 sizes) on a noisy gradient background. Later shapes may
 occlude earlier ones; an instance's polygons are then its *visible* region, computed exactly: every shape is
@@ -652,7 +652,7 @@ def write_scenes(
     size: int = 128,
     splits: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write a PhraseCut-format folder (SPEC 3.1) of ``n_images`` scenes; returns a summary.
+    """Write a PhraseCut-format folder of ``n_images`` scenes; returns a summary.
 
     Images first, then ``refer_{split}.json`` and last ``image_data_split.json``, each JSON through a
     temporary name: a folder with the metadata file is complete. Same arguments, same bytes.

@@ -1,6 +1,6 @@
 """The sample schema shared by the reader, the shard writer, the prompt generator and the loaders.
 
-One WebDataset sample per image (SPEC 3.2)::
+One WebDataset sample per image::
 
     __key__  "{source}_{image_id}"            (no dots: Ray Data and webdataset split keys on dots)
     jpg      the image bytes (untouched, or re-encoded once when the longer side is capped)

@@ -1,6 +1,6 @@
 """WebDataset shard I/O on any pyarrow filesystem: deterministic, atomic writes and strict reads.
 
-A shard ``{split}-{000000}.tar`` holds one sample per image (SPEC 3.2): ``{key}.jpg`` (the bytes) and
+A shard ``{split}-{000000}.tar`` holds one sample per image: ``{key}.jpg`` (the bytes) and
 ``{key}.json`` (``ImageRecord.to_json()``, via the faster equivalent :func:`record_json`). Writes go to ``{name}.tmp-<uuid>`` and are renamed when the tar
 is complete, so a crash never leaves a final name pointing at a truncated tar. On a local disk the temp file
 is fsynced before the rename (and the folder after it), so a power cut cannot publish a name whose bytes

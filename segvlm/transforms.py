@@ -11,7 +11,7 @@ Pure PIL/numpy/torch. Conventions:
   output resolution from the polygons (``segvlm.masks.rasterize_polygons`` with scale/offset), so both use
   the same map ``x_out = (x - x0) * S / (x1 - x0)`` and stay aligned without resampling a mask.
 
-CLIPSeg's training augmentation (SPEC 4) is a random *square* crop that keeps at least 5% of the object,
+CLIPSeg's training augmentation is a random *square* crop that keeps at least 5% of the object,
 then a resize to S×S, and no flips: a plain flip would silently break phrases like "the cup on the left".
 The optional horizontal flip here mirrors the phrase with the pixels (``mirror_phrase``: left ↔ right), which
 keeps the pair consistent.
