@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 from pipeline import manifest as mf
 from pipeline import prompts, shards
 from pipeline.progress import Progress, format_table
+from pipeline.runlock import OutputLocked, RunLock
 from pipeline.schema import ImageRecord
 
 PROG = "segvlm synth-prompts"
@@ -70,6 +71,7 @@ def run_synth_prompts(
     split: str | None = None,
     pool_size: int = 10000,
     overwrite: bool = False,
+    break_lock: bool = False,
     filesystem: pafs.FileSystem | None = None,
     log: Callable[[str], None] = print,
     progress_every: float = 5.0,
@@ -78,7 +80,8 @@ def run_synth_prompts(
 
     ``filesystem`` (tests, custom stores) is used for both locations; otherwise each is resolved from
     its URI. Raises UsageError for an unfinished or empty input, ``out`` equal to the input, or an ``out``
-    that already holds a finished set (unless ``overwrite``).
+    that already holds a finished set (unless ``overwrite``); :class:`pipeline.runlock.OutputLocked` when
+    another run (this job's or ``prepare``'s) is writing to ``out``.
     """
     start = time.perf_counter()
     rates = prompts.validate_rates(rates)
@@ -91,16 +94,49 @@ def run_synth_prompts(
     inputs = shards.list_shards(shards_dir, split, filesystem)
     if not inputs:
         raise UsageError(f"no shards{f' of split {split!r}' if split else ''} in {shards_dir}")
+    run_id = shards.new_run_id()
+    with RunLock(dst_fs, base, run_id, break_lock=break_lock) as lock:
+        summary = _write_locked(
+            src, dst_fs, base, inputs, shards_dir=shards_dir, out=out, rates=rates, seed=seed, split=split,
+            pool_size=pool_size, overwrite=overwrite, filesystem=filesystem, lock=lock, log=log,
+            progress_every=progress_every, start=start,
+        )  # fmt: skip
+    log(summary_table(summary))
+    return summary
+
+
+def _write_locked(
+    src: tuple[pafs.FileSystem, str],
+    dst_fs: pafs.FileSystem,
+    base: str,
+    inputs: list[str],
+    *,
+    shards_dir: str,
+    out: str,
+    rates: Mapping[str, float],
+    seed: int,
+    split: str | None,
+    pool_size: int,
+    overwrite: bool,
+    filesystem: pafs.FileSystem | None,
+    lock: RunLock,
+    log: Callable[[str], None],
+    progress_every: float,
+    start: float,
+) -> dict[str, Any]:
+    """The writing part of :func:`run_synth_prompts`, run while holding ``out``'s lock."""
+    run_id = lock.run_id
     if mf.is_complete(out, filesystem):
         if not overwrite:
             raise UsageError(f"{out} already holds a finished shard set; pass --overwrite to replace it")
         # Remove the completion markers first: while we rewrite, the folder reads as unfinished.
         for name in (mf.MANIFEST, mf.SIZES):
             dst_fs.delete_file(shards.join(base, name))
-    dst_fs.create_dir(base, recursive=True)
-    removed = shards.remove_temp_files(dst_fs, base)
-    if removed:
-        log(f"{PROG}: removed {len(removed)} temp file(s) left by an interrupted run")
+    previous = (lock.previous or {}).get("run_id")
+    if isinstance(previous, str):  # that run is over (we hold the lock): its leftovers may go, no one else's
+        removed = shards.remove_temp_files(dst_fs, base, run_ids=[previous])
+        if removed:
+            log(f"{PROG}: removed {len(removed)} temp file(s) left by run {previous}")
 
     by_split: dict[str, list[str]] = defaultdict(list)
     for path in inputs:
@@ -133,7 +169,8 @@ def run_synth_prompts(
             dropped += n_dropped
             rng = prompts.record_rng(seed, record.key)
             samples.append((prompts.augment_record(record, rng=rng, rates=rates, negative_pool=pool), jpg))
-        info = shards.write_shard(samples, dst_fs, shards.join(base, shard))
+        lock.check()  # stop if another run took the output over
+        info = shards.write_shard(samples, dst_fs, shards.join(base, shard), run_id=run_id)
         sizes[shard] = info.samples
         written_bytes += info.bytes
         rows += [row for record, _ in samples for row in mf.manifest_rows(record, shard)]
@@ -166,12 +203,12 @@ def run_synth_prompts(
         "seconds": round(seconds, 3),
         "fingerprint": _fingerprint(rates, seed, split, pool_size),
     }
-    shards.write_json_atomic(dst_fs, shards.join(base, mf.SUMMARY), summary)
+    shards.write_json_atomic(dst_fs, shards.join(base, mf.SUMMARY), summary, run_id=run_id)
     from pipeline.quarantine import write_quarantine
 
     write_quarantine(shards.join(base, mf.QUARANTINE), [], filesystem=dst_fs)  # nothing is set aside here
+    lock.check()
     mf.write_manifest(dst_fs, base, rows, sizes)  # last: the completion markers
-    log(summary_table(summary))
     return summary
 
 
@@ -204,6 +241,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default=None, help="only the shards of this split (default: all)")
     parser.add_argument("--pool-size", type=int, default=10000, help="negative phrases kept per split")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished set at --out")
+    parser.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over --out although another run holds its lock (only when that run is known to be dead)",
+    )
     parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
     return parser.parse_args(argv)
 
@@ -226,11 +268,15 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split,
             pool_size=args.pool_size,
             overwrite=args.overwrite,
+            break_lock=args.break_lock,
             progress_every=args.progress_every,
         )
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except OutputLocked as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

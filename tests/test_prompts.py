@@ -519,6 +519,32 @@ def test_synth_prompts_one_split_and_guards(shard_set, tmp_path, capsys):
     assert synth_prompts.main(["--shards", str(src), "--out", str(tmp_path / "w")]) == 2
 
 
+def test_synth_prompts_respects_the_output_lock_and_other_runs_temp_files(shard_set, tmp_path, capsys):
+    from jobs import synth_prompts
+    from pipeline import manifest as mf
+    from pipeline import shards
+    from pipeline.runlock import RunLock
+
+    src, _ = shard_set
+    out = tmp_path / "out"
+    fs, base = shards.resolve(str(out))
+    holder = RunLock(fs, base, "aaaaaaaaaaaa", settle=0.0, heartbeat=3600).acquire()
+    foreign = out / "train-000000.tar.tmp-bbbbbbbbbbbb-12345678"  # a third run's upload in progress
+    foreign.write_bytes(b"not ours")
+    try:
+        assert synth_prompts.main(["--shards", str(src), "--out", str(out)]) == 3
+        assert "aaaaaaaaaaaa" in capsys.readouterr().err
+        assert not mf.is_complete(str(out)) and not list(out.glob("*.tar"))
+        left = out / "train-000001.tar.tmp-aaaaaaaaaaaa-87654321"  # the holder's leftover
+        left.write_bytes(b"partial")
+    finally:
+        holder.release()
+    assert synth_prompts.main(["--shards", str(src), "--out", str(out)]) == 0
+    assert mf.is_complete(str(out))
+    assert not left.exists()  # the run it took over from is over: its temp file went
+    assert foreign.read_bytes() == b"not ours"  # another run's never goes
+
+
 def test_cli_dispatches_synth_prompts(capsys):
     from jobs import cli
 
