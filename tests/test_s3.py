@@ -1,10 +1,10 @@
 """Every output on S3: a real S3 server (SeaweedFS ``weed mini``, ``tests/s3_server.py``) on 127.0.0.1.
 
 prepare → S3 shards; the loaders stream them (the same batches as from local disk); training with 2 Ray
-workers keeps its checkpoints in ``s3://`` (a worker killed mid-run resumes from there) and copies the best
-checkpoint to ``s3://``; the registered model's artifacts land in S3 through an MLflow server with
-``--artifacts-destination s3://``; eval reads shards and checkpoint from S3 and writes its report and the
-official PNGs there. Slow (a few minutes): it starts weed, Ray and an MLflow server.
+workers keeps its checkpoints in ``s3://`` (a worker is killed mid-run, the job fails, and the job started
+again by a new driver resumes from there) and copies the best checkpoint to ``s3://``; the registered
+model's artifacts land in S3 through an MLflow server with ``--artifacts-destination s3://``; eval reads
+shards and checkpoint from S3 and writes its report and the official PNGs there. Slow (a few minutes): it starts weed, Ray and an MLflow server.
 """
 
 from __future__ import annotations
@@ -131,11 +131,12 @@ def test_shards_on_s3_are_the_local_shards_and_the_loaders_stream_them(aws, data
         )
 
 
-def test_prepare_train_with_a_killed_worker_and_eval_with_every_output_on_s3(
+def test_prepare_train_with_a_killed_worker_resumed_by_a_new_driver_and_eval_with_every_output_on_s3(
     aws, data, tmp_path, monkeypatch
 ):
     import torch
     from mlflow import MlflowClient
+    from ray.train import TrainingFailedError
 
     from jobs.eval import run_eval
     from jobs.evaluation import evaluate, score_official_pngs
@@ -149,7 +150,8 @@ def test_prepare_train_with_a_killed_worker_and_eval_with_every_output_on_s3(
     root, clip = data
     with mlflow_server(tmp_path, aws.uri("mlflow"), aws.env) as uri:
         marker = tmp_path / "killed"
-        # rank 1 dies hard at step 7: step 6 was logged, the newest checkpoint is step 4's
+        # rank 1 dies hard at step 7: step 6 was logged, the newest checkpoint is step 4's; with no retries
+        # allowed the job fails, and the same job started again (a new driver) resumes from S3
         monkeypatch.setenv(FAIL_ENV, f"7:1:{marker}")
         storage_path, best = aws.uri("runs", "ray_results"), aws.uri("runs", "s3run", "best")
         cfg = tiny_experiment(
@@ -164,23 +166,29 @@ def test_prepare_train_with_a_killed_worker_and_eval_with_every_output_on_s3(
             "train.ckpt_every=4",
             "train.val_every=4",
             "train.log_every=2",
-            "train.max_failures=1",
+            "train.max_failures=0",
             "train.overlays=0",
             "train.run_name=s3run",
             "tracking.experiment=s3-test",
         )
         started = time.perf_counter()
-        out = run_training(cfg, tracking_uri=uri)
-        print(f"train on S3, 2 workers, one killed: {time.perf_counter() - started:.1f} s")
+        with pytest.raises(TrainingFailedError):
+            run_training(cfg, tracking_uri=uri)
         assert marker.exists(), "the fault was not injected"
+        client = MlflowClient(uri)
+        experiment_id = client.get_experiment_by_name("s3-test").experiment_id
+        (failed,) = client.search_runs([experiment_id])
+        assert failed.info.status == "FAILED"
+        out = run_training(cfg, tracking_uri=uri)  # the marker exists: no second fault
+        print(f"train on S3, 2 workers, one killed, job rerun: {time.perf_counter() - started:.1f} s")
         assert out["steps"] == 8 and out["best_checkpoint"] == best
 
-        client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("s3-test").experiment_id])
-        assert len(runs) == 1 and runs[0].info.run_id == out["run_id"]
+        runs = client.search_runs([experiment_id])
+        assert [(r.info.run_id, r.info.status) for r in runs] == [(failed.info.run_id, "FINISHED")]
+        assert out["run_id"] == failed.info.run_id
         logged = sorted(m.step for m in client.get_metric_history(out["run_id"], "train/loss"))
-        assert logged.count(6) == 2, (
-            f"step 6 should be logged by both attempts (resumed from step 4): {logged}"
+        assert (logged.count(2), logged.count(6), logged.count(8)) == (1, 2, 1), (
+            f"steps 5-7 should be trained by both drivers (resumed from step 4), the others once: {logged}"
         )
 
         # the Ray checkpoints are in S3 and nothing of Ray's storage is on the driver's disk
