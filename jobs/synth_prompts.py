@@ -96,119 +96,93 @@ def run_synth_prompts(
         raise UsageError(f"no shards{f' of split {split!r}' if split else ''} in {shards_dir}")
     run_id = shards.new_run_id()
     with RunLock(dst_fs, base, run_id, break_lock=break_lock) as lock:
-        summary = _write_locked(
-            src, dst_fs, base, inputs, shards_dir=shards_dir, out=out, rates=rates, seed=seed, split=split,
-            pool_size=pool_size, overwrite=overwrite, filesystem=filesystem, lock=lock, log=log,
-            progress_every=progress_every, start=start,
-        )  # fmt: skip
+        if mf.is_complete(out, filesystem):
+            if not overwrite:
+                raise UsageError(f"{out} already holds a finished shard set; pass --overwrite to replace it")
+            # Remove the completion markers first: while we rewrite, the folder reads as unfinished.
+            for name in (mf.MANIFEST, mf.SIZES):
+                dst_fs.delete_file(shards.join(base, name))
+        previous = (lock.previous or {}).get("run_id")
+        # that run is over (we hold the lock): its leftovers may go, no one else's
+        if isinstance(previous, str):
+            removed = shards.remove_temp_files(dst_fs, base, run_ids=[previous])
+            if removed:
+                log(f"{PROG}: removed {len(removed)} temp file(s) left by run {previous}")
+
+        by_split: dict[str, list[str]] = defaultdict(list)
+        for path in inputs:
+            by_split[_split_of(path)].append(path)
+
+        # Pass 1: the negative pool of each split, from its original phrases only.
+        pools: dict[str, list[tuple[str, str]]] = {}
+        for name, paths in sorted(by_split.items()):
+            records = (rec for path in paths for rec, _ in shards.iter_shard(src[0], path))
+            pools[name] = prompts.build_negative_pool(records, max_size=pool_size, rng=random.Random(seed))
+        log(
+            f"{PROG}: {len(inputs)} shard(s) -> {out}; negative pool "
+            + ", ".join(f"{k} {len(v)}" for k, v in pools.items())
+        )
+
+        # Pass 2: one output shard per input shard, same name, same images.
+        expected = mf.load_sizes(shards_dir, filesystem)
+        total = sum(expected.get(posixpath.basename(p), 0) for p in inputs) or None
+        progress = Progress(total, label="synth-prompts", unit="images", every=progress_every)
+        rows: list[dict[str, Any]] = []
+        sizes: dict[str, int] = {}
+        written_bytes = 0
+        dropped = 0
+        for path in inputs:
+            shard = posixpath.basename(path)
+            pool = pools[_split_of(path)]
+            samples = []
+            for record, jpg in shards.iter_shard(src[0], path):
+                record, n_dropped = originals_only(record)
+                dropped += n_dropped
+                rng = prompts.record_rng(seed, record.key)
+                samples.append(
+                    (prompts.augment_record(record, rng=rng, rates=rates, negative_pool=pool), jpg)
+                )
+            lock.check()  # stop if another run took the output over
+            info = shards.write_shard(samples, dst_fs, shards.join(base, shard), run_id=run_id)
+            sizes[shard] = info.samples
+            written_bytes += info.bytes
+            rows += [row for record, _ in samples for row in mf.manifest_rows(record, shard)]
+            progress.update(info.samples, shards=f"{len(sizes)}/{len(inputs)}")
+        progress.close()
+
+        # Shards of an earlier, larger run in the same folder would look like part of this set.
+        for stale in shards.list_shards(out, None, filesystem):
+            if posixpath.basename(stale) not in sizes:
+                dst_fs.delete_file(stale)
+
+        kinds = Counter(row["kind"] for row in rows)
+        seconds = time.perf_counter() - start
+        summary = {
+            "version": SUMMARY_VERSION,
+            "job": "synth-prompts",
+            "input": str(shards_dir),
+            "input_manifest_sha256": mf.manifest_hash(shards_dir, filesystem),
+            "split": split,
+            "splits": sorted(by_split),
+            "seed": seed,
+            "prompt_rates": rates,
+            "negative_pool": {k: len(v) for k, v in sorted(pools.items())},
+            "images": sum(sizes.values()),
+            "tasks": len(rows),
+            "tasks_per_kind": dict(sorted(kinds.items())),
+            "input_generated_dropped": dropped,
+            "shards": len(sizes),
+            "bytes": written_bytes,
+            "seconds": round(seconds, 3),
+            "fingerprint": _fingerprint(rates, seed, split, pool_size),
+        }
+        shards.write_json_atomic(dst_fs, shards.join(base, mf.SUMMARY), summary, run_id=run_id)
+        from pipeline.quarantine import write_quarantine
+
+        write_quarantine(shards.join(base, mf.QUARANTINE), [], filesystem=dst_fs)  # nothing is set aside here
+        lock.check()
+        mf.write_manifest(dst_fs, base, rows, sizes)  # last: the completion markers
     log(summary_table(summary))
-    return summary
-
-
-def _write_locked(
-    src: tuple[pafs.FileSystem, str],
-    dst_fs: pafs.FileSystem,
-    base: str,
-    inputs: list[str],
-    *,
-    shards_dir: str,
-    out: str,
-    rates: Mapping[str, float],
-    seed: int,
-    split: str | None,
-    pool_size: int,
-    overwrite: bool,
-    filesystem: pafs.FileSystem | None,
-    lock: RunLock,
-    log: Callable[[str], None],
-    progress_every: float,
-    start: float,
-) -> dict[str, Any]:
-    """The writing part of :func:`run_synth_prompts`, run while holding ``out``'s lock."""
-    run_id = lock.run_id
-    if mf.is_complete(out, filesystem):
-        if not overwrite:
-            raise UsageError(f"{out} already holds a finished shard set; pass --overwrite to replace it")
-        # Remove the completion markers first: while we rewrite, the folder reads as unfinished.
-        for name in (mf.MANIFEST, mf.SIZES):
-            dst_fs.delete_file(shards.join(base, name))
-    previous = (lock.previous or {}).get("run_id")
-    if isinstance(previous, str):  # that run is over (we hold the lock): its leftovers may go, no one else's
-        removed = shards.remove_temp_files(dst_fs, base, run_ids=[previous])
-        if removed:
-            log(f"{PROG}: removed {len(removed)} temp file(s) left by run {previous}")
-
-    by_split: dict[str, list[str]] = defaultdict(list)
-    for path in inputs:
-        by_split[_split_of(path)].append(path)
-
-    # Pass 1: the negative pool of each split, from its original phrases only.
-    pools: dict[str, list[tuple[str, str]]] = {}
-    for name, paths in sorted(by_split.items()):
-        records = (rec for path in paths for rec, _ in shards.iter_shard(src[0], path))
-        pools[name] = prompts.build_negative_pool(records, max_size=pool_size, rng=random.Random(seed))
-    log(
-        f"{PROG}: {len(inputs)} shard(s) -> {out}; negative pool "
-        + ", ".join(f"{k} {len(v)}" for k, v in pools.items())
-    )
-
-    # Pass 2: one output shard per input shard, same name, same images.
-    expected = mf.load_sizes(shards_dir, filesystem)
-    progress = Progress(sum(expected.get(posixpath.basename(p), 0) for p in inputs) or None, label="synth-prompts",
-                        unit="images", every=progress_every)  # fmt: skip
-    rows: list[dict[str, Any]] = []
-    sizes: dict[str, int] = {}
-    written_bytes = 0
-    dropped = 0
-    for path in inputs:
-        shard = posixpath.basename(path)
-        pool = pools[_split_of(path)]
-        samples = []
-        for record, jpg in shards.iter_shard(src[0], path):
-            record, n_dropped = originals_only(record)
-            dropped += n_dropped
-            rng = prompts.record_rng(seed, record.key)
-            samples.append((prompts.augment_record(record, rng=rng, rates=rates, negative_pool=pool), jpg))
-        lock.check()  # stop if another run took the output over
-        info = shards.write_shard(samples, dst_fs, shards.join(base, shard), run_id=run_id)
-        sizes[shard] = info.samples
-        written_bytes += info.bytes
-        rows += [row for record, _ in samples for row in mf.manifest_rows(record, shard)]
-        progress.update(info.samples, shards=f"{len(sizes)}/{len(inputs)}")
-    progress.close()
-
-    # Shards of an earlier, larger run in the same folder would look like part of this set.
-    for stale in shards.list_shards(out, None, filesystem):
-        if posixpath.basename(stale) not in sizes:
-            dst_fs.delete_file(stale)
-
-    kinds = Counter(row["kind"] for row in rows)
-    seconds = time.perf_counter() - start
-    summary = {
-        "version": SUMMARY_VERSION,
-        "job": "synth-prompts",
-        "input": str(shards_dir),
-        "input_manifest_sha256": mf.manifest_hash(shards_dir, filesystem),
-        "split": split,
-        "splits": sorted(by_split),
-        "seed": seed,
-        "prompt_rates": rates,
-        "negative_pool": {k: len(v) for k, v in sorted(pools.items())},
-        "images": sum(sizes.values()),
-        "tasks": len(rows),
-        "tasks_per_kind": dict(sorted(kinds.items())),
-        "input_generated_dropped": dropped,
-        "shards": len(sizes),
-        "bytes": written_bytes,
-        "seconds": round(seconds, 3),
-        "fingerprint": _fingerprint(rates, seed, split, pool_size),
-    }
-    shards.write_json_atomic(dst_fs, shards.join(base, mf.SUMMARY), summary, run_id=run_id)
-    from pipeline.quarantine import write_quarantine
-
-    write_quarantine(shards.join(base, mf.QUARANTINE), [], filesystem=dst_fs)  # nothing is set aside here
-    lock.check()
-    mf.write_manifest(dst_fs, base, rows, sizes)  # last: the completion markers
     return summary
 
 
