@@ -52,6 +52,7 @@ class TrackingLogger(Protocol):
     when the block raises, else ``FINISHED``. Artifact paths (``artifact_file``, ``key``, ``artifact_path``)
     are relative POSIX paths inside the run's artifact folder."""
 
+    enabled: bool  # False: every call is a no-op (callers skip building what they would log)
     run_id: str | None
     tracking_uri: str
 
@@ -92,6 +93,8 @@ class TrackingLogger(Protocol):
 
 class DisabledLogger:
     """Logs nothing: no MLflow import, no store, no files. ``start()`` returns the ``run_id`` it was given."""
+
+    enabled = False
 
     def __init__(self, *, run_id: str | None = None, tracking_uri: str = "") -> None:
         self.run_id = run_id

@@ -74,6 +74,8 @@ class MlflowLogger:
     ``SYSTEM_METRICS_INTERVAL_S`` seconds (``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it).
     """
 
+    enabled = True
+
     def __init__(
         self,
         *,

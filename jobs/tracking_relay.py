@@ -249,6 +249,8 @@ class RelayedLogger:
     ``tracking_uri`` ``""`` (the local sqlite store) is resolved by the actor, on the driver's node.
     """
 
+    enabled = True
+
     def __init__(
         self,
         relay: ActorHandle,

@@ -323,7 +323,7 @@ def test_tracking_relay_accepts_only_its_logging_methods_and_paths_inside(tmp_pa
 
     relay = object.__new__(TrackingRelay)  # the actor's own method, without starting Ray
     relay.logger = None
-    for method in ("open", "__init__", "_relay_call", "__class__", "start", None):
+    for method in ("open", "__init__", "_call", "__class__", "start", None):
         with pytest.raises(ValueError, match="not a logging method"):
             relay.call(method, (), {}, None)
     for method, args, kwargs in [

@@ -187,6 +187,36 @@ def test_a_resumed_attempt_reopens_the_run_and_stop_relay_fails_an_open_run(rela
     assert client.get_run(run_id).info.status == "FAILED"
 
 
+def _sample_for(relay: Any, settings: dict[str, Any], seconds: float) -> str:
+    """A rank 0 with system metrics on, for ``seconds``."""
+    import time
+
+    from jobs.tracking import RunLogger
+
+    with RunLogger(**settings, system_metrics=True, relay=relay) as logger:
+        time.sleep(seconds)
+    return logger.run_id
+
+
+@pytest.mark.slow
+def test_a_resumed_relayed_run_continues_its_system_metric_steps(relay, tmp_path: Path) -> None:
+    import ray
+    from mlflow import MlflowClient
+
+    task = ray.remote(_sample_for).options(
+        num_cpus=0, runtime_env={"env_vars": {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.3"}}
+    )
+    run_id = ray.get(task.remote(relay, _settings(tmp_path), 1.5), timeout=120)
+    client = MlflowClient(_settings(tmp_path)["tracking_uri"])
+    first = sorted(m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    assert len(first) >= 2 and first == list(range(len(first)))
+    assert ray.get(task.remote(relay, _settings(tmp_path, run_id=run_id), 1.5), timeout=120) == run_id
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
+    assert len(steps) > len(first) and steps == list(range(len(steps))), steps  # appended, no step twice
+    history = client.get_metric_history(run_id, "system/disk_usage_percentage")
+    assert sorted(m.step for m in history) == steps  # every name at every step
+
+
 # ---------------------------------------------------------------------------- one protocol, three loggers
 def _protocol_members() -> list[str]:
     from jobs.tracking import TrackingLogger
@@ -227,6 +257,7 @@ def test_the_factory_picks_the_logger(tmp_path: Path) -> None:
     assert all(isinstance(x, TrackingLogger) for x in (disabled, relayed, direct))
     assert not isinstance(object(), TrackingLogger)
     assert (disabled.run_id, relayed.run_id, direct.run_id) == ("abc", "abc", "abc")
+    assert (disabled.enabled, relayed.enabled, direct.enabled) == (False, True, True)
     assert not (tmp_path / "mlflow.db").exists()  # nothing is opened before start()
 
 
