@@ -180,8 +180,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     from jobs.evaluation import evaluate
     from pipeline.loader import make_eval_loader, make_train_loader
-    from segvlm.config import LossConfig
-    from segvlm.losses import RAFLoss
+    from segvlm.losses import LossConfig, RAFLoss
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

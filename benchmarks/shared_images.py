@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 
 import torch
 
-from segvlm.config import ExperimentConfig, load_config
+from jobs.config import ExperimentConfig
+from segvlm.config import load_config
 from segvlm.losses import RAFLoss
 from segvlm.registry import build_model, model_config
 

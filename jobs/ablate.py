@@ -289,10 +289,11 @@ def run_ablation(
     quiet_environment()
     from mlflow import MlflowClient
 
+    from jobs.config import ExperimentConfig
     from jobs.eval import run_eval
     from jobs.tracking import get_or_create_experiment, resolve_tracking_uri
     from jobs.train import run_training
-    from segvlm.config import ExperimentConfig, load_config
+    from segvlm.config import load_config
 
     user = list(overrides)
     if steps is not None:

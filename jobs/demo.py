@@ -54,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' save_pretrained bar
     quiet_environment()
 
+    from jobs.config import ExperimentConfig
     from jobs.eval import run_eval
     from jobs.train import run_training
     from pipeline.prepare import PrepareConfig, run_prepare
     from pipeline.progress import format_table
     from pipeline.scenes import SCENE_WORDS, write_scenes
     from segvlm.backbone import make_tiny_clip
-    from segvlm.config import ExperimentConfig, load_config
+    from segvlm.config import load_config
     from segvlm.tokenizer import DEFAULT_TINY_WORDS
 
     workdir = Path(args.workdir).resolve()

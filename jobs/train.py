@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import TRAIN_LOG_LEVEL, git_commit, init_ray, quiet_environment
-from segvlm.config import ExperimentConfig, load_config, to_dict
+from jobs.config import ExperimentConfig
+from segvlm.config import load_config, to_dict
 
 
 def build_parser() -> argparse.ArgumentParser:

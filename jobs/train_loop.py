@@ -27,13 +27,15 @@ import torch
 
 from jobs import distributed
 from jobs.common import quiet_train_worker
+from jobs.config import ExperimentConfig
 from jobs.distributed import to_device
 from jobs.evaluation import evaluate, log_evaluation
+from jobs.optim import learning_rate, make_optimizer
 from jobs.tracking import RunLogger
 from pipeline.loader import make_eval_loader, make_train_loader
 from pipeline.progress import Progress
 from segvlm.checkpoint import load_weights, save_checkpoint
-from segvlm.config import ExperimentConfig, OptimConfig, flatten, from_dict, to_yaml
+from segvlm.config import flatten, from_dict, to_yaml
 from segvlm.inference import DEFAULT_THRESHOLD
 from segvlm.losses import (
     RAFLoss,
@@ -50,15 +52,6 @@ SCORE_KEY = "val_mean_iou"  # CheckpointConfig.checkpoint_score_attribute
 FAIL_ENV = "SEGVLM_FAIL_AT_STEP"  # fault injection for tests: "STEP:RANK:MARKER_FILE", read by the driver
 
 
-def learning_rate(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up to ``lr`` then cosine decay to ``min_lr`` at ``total_steps`` (step is 0-based)."""
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    span = max(1, total_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -68,31 +61,6 @@ def seed_everything(seed: int) -> None:
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on GPU (``auto`` or ``bf16``), float32 on CPU unless ``bf16`` is forced."""
     return distributed.autocast(precision, device)
-
-
-TEXT_TOWER = ("backbone.clip.text_model.", "backbone.clip.text_projection.")
-
-
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with no weight decay on biases, norms, gates and embeddings (1-d parameters); the text tower's
-    groups carry ``lr_scale = optim.text_lr_scale`` (the loop sets each group's lr to ``lr · lr_scale``)."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            text = optim.text_lr_scale != 1.0 and name.startswith(TEXT_TOWER)
-            groups.setdefault((param.ndim > 1, text), []).append(param)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "weight_decay": optim.weight_decay if decay else 0.0,
-                "lr_scale": optim.text_lr_scale if text else 1.0,
-            }
-            for (decay, text), params in sorted(groups.items(), reverse=True)
-        ],
-        lr=optim.lr,
-        betas=optim.betas,
-    )
 
 
 def _fit_steps_to_budget(

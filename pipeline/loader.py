@@ -54,6 +54,7 @@ from pipeline import storage
 from pipeline.prompts import singular
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
 from pipeline.validate import LOADER_MAX_MEMBER_BYTES, check_sample_sizes
+from segvlm.config import ConfigError
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.transforms import (
     TokenizeFn,
@@ -80,6 +81,41 @@ _MEMBERS = ("jpg", "json")  # the only tar members ever read
 # A shard member is read whole into memory: cap what its tar header may ask for (prepare's images are at
 # most PrepareConfig.max_image_bytes, itself capped at this).
 MAX_MEMBER_BYTES = LOADER_MAX_MEMBER_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how the loaders read them (``pipeline.loader``)."""
+
+    train_shards: str = ""  # folder or URI written by `segvlm prepare` (with manifest.parquet)
+    val_shards: str = ""  # empty: no validation
+    train_split: str = "train"
+    val_split: str = "val"
+    negative_rate: float = 0.2
+    phrase_type_balance: bool = False
+    num_workers: int = 1  # DataLoader workers per training worker
+    shuffle_buffer: int = 1000
+    # side of CLIPSeg's random square crop as a share of the shorter image side; (1, 1) turns cropping off,
+    # which phrases about relations and superlatives ("the largest circle") need on small scenes
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    # > 1: up to this many phrases of an image share its crop in a batch and the image is encoded once for
+    # all of them; cheaper per task, and each batch shows the same pixels under different phrases
+    phrases_per_image: int = 1
+    # probability of a horizontal flip of a training crop, its phrases mirrored with it (left <-> right)
+    hflip: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ConfigError(f"data.hflip must lie in [0, 1], got {self.hflip}")
+        if self.phrases_per_image < 1:
+            raise ConfigError(f"data.phrases_per_image must be >= 1, got {self.phrases_per_image}")
+        if not 0 <= self.negative_rate < 1:
+            raise ConfigError(f"data.negative_rate must lie in [0, 1), got {self.negative_rate}")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
 
 # ----------------------------------------------------------------------------------------------- shards

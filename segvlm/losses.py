@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segvlm.config import LossConfig
+from segvlm.config import ConfigError
 
 __all__ = [
     "LOSS_PRESETS",
+    "LossConfig",
     "RAFLoss",
     "adaptive_dice_loss",
     "bce_loss",
@@ -29,6 +30,37 @@ __all__ = [
     "sigmoid_focal_loss",
     "word_prediction_loss",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """RAF loss: ``bce·BCE + focal·Focal(alpha, gamma) + dice·AdaptiveDice(dice_alpha, dice_smooth)``."""
+
+    bce: float = 1.0
+    focal: float = 1.0
+    dice: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    dice_alpha: float = 1.0  # exponent a of the self-adjusting factor (1 - p)^a
+    dice_smooth: float = 1.0
+    # weight of the region–phrase alignment term (segvlm.losses.region_phrase_loss; needs
+    # model.decoder.region_head); not part of RAF, logged as its own term
+    region: float = 0.0
+    # weight of the two word terms (needs model.decoder.word_head): the target region (region_word_loss)
+    # and the phrase (word_prediction_loss) each name the words of the phrase's subject, its attributes and
+    # name, among the text tower's token embeddings; logged as words_region and words_phrase
+    words: float = 0.0
+
+    def validate(self) -> None:
+        if self.region < 0:
+            raise ConfigError(f"loss.region must be >= 0, got {self.region}")
+        if self.words < 0:
+            raise ConfigError(f"loss.words must be >= 0, got {self.words}")
+        weights = (self.bce, self.focal, self.dice)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ConfigError(f"loss weights must be >= 0 and not all zero, got {weights}")
+        if not 0 <= self.focal_alpha <= 1:
+            raise ConfigError(f"loss.focal_alpha must lie in [0, 1], got {self.focal_alpha}")
 
 
 def _flatten(x: Tensor, batch: int) -> Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from segvlm.config import ExperimentConfig, load_config
+from jobs.config import ExperimentConfig
+from segvlm.config import load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 IMAGE_SIZE = 64

@@ -19,7 +19,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 def test_ladder_pure_helpers():
     from jobs.ablate import ladder, markdown_table, rung_overrides, select_rungs
-    from segvlm.config import ExperimentConfig, load_config
+    from jobs.config import ExperimentConfig
+    from segvlm.config import load_config
 
     base = load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0"])
     rungs = ladder(base.loss)

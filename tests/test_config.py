@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from segvlm.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from jobs.config import ExperimentConfig
+from segvlm.config import ConfigError, load_config, to_yaml
 
 
 def test_overrides_reach_nested_fields_with_their_types(tmp_path) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from segvlm.config import ConfigError, LossConfig
-from segvlm.losses import RAFLoss, adaptive_dice_loss, build_loss
+from segvlm.config import ConfigError
+from segvlm.losses import LossConfig, RAFLoss, adaptive_dice_loss, build_loss
 
 
 def sig(x: float) -> float:

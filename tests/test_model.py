@@ -264,7 +264,8 @@ AUX_HEADS = {  # head switch: (its loss weight, the parameters it adds, the aux 
 
 @pytest.mark.parametrize("head", sorted(AUX_HEADS))
 def test_auxiliary_heads_add_their_parameters_and_come_only_with_their_losses(head):
-    from segvlm.config import ExperimentConfig, validate
+    from jobs.config import ExperimentConfig
+    from segvlm.config import validate
 
     loss, added, shapes = AUX_HEADS[head]
     params, _ = _decoder_names(_with(clipseg_like(), **{head: True}))

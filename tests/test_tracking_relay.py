@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from jobs.config import ExperimentConfig, TrackingConfig
 from jobs.tracking_relay import needs_relay
-from segvlm.config import ConfigError, ExperimentConfig, TrackingConfig, load_config
+from segvlm.config import ConfigError, load_config
 
 EXPERIMENT = "relay-test"
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from jobs.train_loop import TEXT_TOWER, learning_rate, make_optimizer
-from segvlm.config import ConfigError, OptimConfig
+from jobs.optim import TEXT_TOWER, OptimConfig, learning_rate, make_optimizer
+from segvlm.config import ConfigError
 from segvlm.registry import build_model, model_config
 
 
