@@ -10,7 +10,7 @@ cache, whatever the split's size; the scratch file is about the size of the refe
 
 The checks are those of the in-memory listing they replace: schema errors and repeated task ids (the first
 is kept) become quarantine rows attached to the image, tasks without a usable image id go to one entry with
-``image_id=None`` (last). Entries come back as :class:`~pipeline.phrasecut.ImageEntry`, or as a compact
+``image_id=None`` (last). Entries come back as :class:`~pipeline.phrasecut_format.ImageEntry`, or as a compact
 :data:`PackedEntry` (JSON text, parsed where it is used) to ship to another process.
 """
 
@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pipeline.jsonstream import iter_json_list
+from pipeline.phrasecut_format import METADATA_FILES, ImageEntry, schema_error
 from pipeline.schema import QuarantineRecord, make_key
 
 # (image_id as JSON or None for the orphans, metadata row as JSON or None, task JSON texts, issue dicts)
@@ -47,8 +48,6 @@ _BATCH = 5000
 
 
 def metadata_path(root: str | os.PathLike[str]) -> str:
-    from pipeline.phrasecut import METADATA_FILES
-
     for name in METADATA_FILES:
         path = os.path.join(root, name)
         if os.path.exists(path):
@@ -110,7 +109,6 @@ class Listing:
     # ----------------------------------------------------------------------------------------- building
 
     def _load_tasks(self) -> None:
-        from pipeline.phrasecut import _schema_error
         from pipeline.quarantine import BAD_SCHEMA, DUPLICATE_TASK_ID
 
         source_file = self.source_file
@@ -140,7 +138,7 @@ class Listing:
                 images.append((image, make_key(self.source, image_id), json.dumps(image_id), index))
             task_id = task.get("task_id") if isinstance(task, dict) else None
             record = task_id if isinstance(task_id, str) and task_id else f"#{index}"
-            error = _schema_error(task)
+            error = schema_error(task)
             if error is not None:
                 issue(index, image, QuarantineRecord(
                     source_file=source_file, record=record, reason=BAD_SCHEMA,
@@ -223,7 +221,7 @@ class Listing:
         return out
 
     def entries(self, order: str = "key", batch: int = 512) -> Iterator[Any]:
-        """Every :class:`~pipeline.phrasecut.ImageEntry`, streamed (see :meth:`images` for the order)."""
+        """Every :class:`~pipeline.phrasecut_format.ImageEntry`, streamed (see :meth:`images` for the order)."""
         pending: list[str | None] = []
         for _, image, _ in self.images(order):
             pending.append(image)
@@ -237,9 +235,7 @@ ORPHANS_KEY = "~orphans"  # the entry of tasks with no usable image_id; sorts af
 
 
 def unpack(packed: PackedEntry, split: str, source_file: str) -> Any:
-    """The :class:`~pipeline.phrasecut.ImageEntry` of a :data:`PackedEntry`."""
-    from pipeline.phrasecut import ImageEntry
-
+    """The :class:`~pipeline.phrasecut_format.ImageEntry` of a :data:`PackedEntry`."""
     image_id, meta, tasks, issues = packed
     return ImageEntry(
         image_id=None if image_id is None else json.loads(image_id),

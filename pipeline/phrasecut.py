@@ -33,6 +33,8 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
+from pipeline.listing import Listing, iter_metadata
+from pipeline.phrasecut_format import METADATA_FILES, ImageEntry
 from pipeline.quarantine import (
     BAD_ID,
     BAD_METADATA,
@@ -58,7 +60,6 @@ from pipeline.validate import (
     UnsafePathError,
     _show,
     id_error,
-    is_number,
     meta_size,
     polygon_error,
     read_file_inside,
@@ -78,8 +79,6 @@ __all__ = [
     "read_metadata",
 ]
 
-METADATA_FILES = ("image_data_split.json", "image_data_split3000.json")
-TASK_KEYS = ("task_id", "image_id", "ann_ids", "Polygons", "instance_boxes", "phrase", "phrase_structure")
 JPEG_QUALITY = 95  # for the rare re-encode (colour conversion, --max-side): once, high quality
 STAT_KEYS = (
     "images",
@@ -93,28 +92,6 @@ STAT_KEYS = (
     "converted_format",
     "resized",
 )
-
-
-@dataclasses.dataclass
-class ImageEntry:
-    """One image of a split and its raw tasks, as listed from the JSON files (no pixels read yet).
-
-    ``meta`` is the image's row of ``image_data_split.json`` (None when it has none). ``issues`` carries the
-    quarantine rows found while listing (bad schema, duplicate ids); :func:`load_image_record` passes them on
-    so all quarantine flows through one place. Tasks whose image_id is itself unusable are collected in one
-    entry with ``image_id=None``.
-    """
-
-    image_id: int | str | None
-    split: str
-    meta: dict[str, Any] | None
-    tasks: list[dict[str, Any]]
-    source_file: str
-    issues: list[QuarantineRecord] = dataclasses.field(default_factory=list)
-
-    @property
-    def image_file(self) -> str:
-        return f"images/{self.image_id}.jpg"
 
 
 def _empty_stats() -> dict[str, int]:
@@ -135,49 +112,7 @@ def read_metadata(root: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 
     Holds every row; the sharding job streams the file instead (:mod:`pipeline.listing`).
     """
-    from pipeline.listing import iter_metadata
-
     return dict(iter_metadata(root))
-
-
-_is_number = is_number  # finite, not a bool, not an int too large for a float
-
-
-def _schema_error(task: Any) -> str | None:
-    """Why ``task`` does not have PhraseCut's task fields with the right types (None when it does)."""
-    if not isinstance(task, dict):
-        return f"task is a {type(task).__name__}, not an object"
-    missing = [key for key in TASK_KEYS if key not in task]
-    if missing:
-        return f"missing field(s) {', '.join(missing)}"
-    if not isinstance(task["task_id"], str) or not task["task_id"]:
-        return "task_id is not a non-empty string"
-    if not isinstance(task["image_id"], int | str) or isinstance(task["image_id"], bool):
-        return "image_id is neither an int nor a string"
-    if not isinstance(task["phrase"], str):
-        return "phrase is not a string"
-    if not isinstance(task["ann_ids"], list):
-        return "ann_ids is not a list"
-    if task["phrase_structure"] is not None and not isinstance(task["phrase_structure"], dict):
-        return "phrase_structure is neither an object nor null"
-    polygons = task["Polygons"]
-    if not isinstance(polygons, list) or not polygons:
-        return "Polygons is not a non-empty list of instances"
-    for i, instance in enumerate(polygons):
-        if not isinstance(instance, list):
-            return f"Polygons[{i}] is not a list of polygons"
-        for j, polygon in enumerate(instance):
-            if not isinstance(polygon, list) or not all(
-                isinstance(p, list | tuple) and len(p) == 2 and _is_number(p[0]) and _is_number(p[1])
-                for p in polygon
-            ):
-                return f"Polygons[{i}][{j}] is not a list of [x, y] number pairs"
-    boxes = task["instance_boxes"]
-    if not isinstance(boxes, list) or not all(
-        isinstance(b, list | tuple) and len(b) == 4 and all(_is_number(v) for v in b) for b in boxes
-    ):
-        return "instance_boxes is not a list of [x, y, w, h]"
-    return None
 
 
 def list_images(root: str | os.PathLike[str], split: str) -> list[ImageEntry]:
@@ -188,8 +123,6 @@ def list_images(root: str | os.PathLike[str], split: str) -> list[ImageEntry]:
     ``image_id=None``. Holds the whole split in memory: fine for tests and small splits; the sharding job
     streams a :class:`pipeline.listing.Listing` instead.
     """
-    from pipeline.listing import Listing
-
     with Listing(root, split) as listing:
         return list(listing.entries(order="first"))
 

@@ -15,7 +15,8 @@ import pytest
 from pipeline import shards
 from pipeline.jsonstream import JSONStreamError, iter_json_list
 from pipeline.listing import Listing
-from pipeline.phrasecut import ImageEntry, _schema_error, list_images
+from pipeline.phrasecut import list_images
+from pipeline.phrasecut_format import ImageEntry, schema_error
 from pipeline.prepare import PrepareConfig, negative_pool_for, plan_listing, plan_shards, run_prepare
 from pipeline.quarantine import BAD_SCHEMA, DUPLICATE_TASK_ID
 from pipeline.runlock import LOCK_NAME, OutputLocked, RunLock
@@ -49,7 +50,7 @@ def reference_list_images(root: str, split: str) -> list[ImageEntry]:
         else:
             entry = orphans
         task_id = task.get("task_id") if isinstance(task, dict) else None
-        error = _schema_error(task)
+        error = schema_error(task)
         if error is not None:
             entry.issues.append(QuarantineRecord(
                 source_file, task_id if isinstance(task_id, str) and task_id else f"#{index}", BAD_SCHEMA,
