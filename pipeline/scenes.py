@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.schema import PHRASE_TYPES
+from segvlm.atomic import write_bytes_atomic
 
 Point = tuple[float, float]
 Poly = list[Point]
@@ -637,13 +638,6 @@ def assign_splits(n_images: int, splits: dict[str, float], seed: int) -> dict[in
     return out
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_scenes(
     out: str | os.PathLike[str],
     n_images: int,
@@ -686,10 +680,10 @@ def write_scenes(
         floor[split] += every_shape_ious(scene)
         types[split].update(t["phrase_structure"]["type"] for t in scene.tasks)
     for split, tasks in refer.items():
-        _write_atomic(
+        write_bytes_atomic(
             os.path.join(out, f"refer_{split}.json"), json.dumps(tasks, separators=(",", ":")).encode()
         )
-    _write_atomic(
+    write_bytes_atomic(
         os.path.join(out, "image_data_split.json"), json.dumps(metadata, separators=(",", ":")).encode()
     )
     return {
