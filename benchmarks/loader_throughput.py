@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.loader import make_train_loader
+from pipeline.loader import DataConfig, make_train_loader
 from pipeline.schema import ImageRecord, Task
 from segvlm.masks import rasterize_polygons
 from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, random_object_crop
@@ -108,16 +108,18 @@ def time_loader(folder: Path, size: int, batch: int, batches: int, workers: int)
     """``(samples per wall second, samples per CPU second)`` of ``make_train_loader`` over ``batches``
     batches after one warm-up batch (with a worker, its start-up CPU time is included)."""
     loader, _ = make_train_loader(
-        folder,
+        DataConfig(
+            train_shards=str(folder),
+            negative_rate=0.2,
+            num_workers=workers,
+            shuffle_buffer=100,
+            task_shuffle_buffer=64,
+        ),
         batch_size=batch,
         image_size=size,
         tokenizer=tokenize,
-        negative_rate=0.2,
         seed=0,
-        num_workers=workers,
         steps_per_epoch=batches + 1,
-        shuffle_buffer=100,
-        task_shuffle_buffer=64,
     )
     cpu0 = cpu_seconds()
     it = iter(loader)

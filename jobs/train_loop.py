@@ -193,21 +193,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.log_text(to_yaml(cfg), "config.yaml")
 
     train_loader, _ = make_train_loader(
-        cfg.data.train_shards,
-        split=cfg.data.train_split,
+        cfg.data,
         batch_size=cfg.train.micro_batch,
         image_size=image_size,
         tokenizer=tokenize,
-        negative_rate=cfg.data.negative_rate,
-        phrase_type_balance=cfg.data.phrase_type_balance,
         seed=cfg.train.seed + 7919 * state["step"],  # a resumed run does not replay the batches it saw
         rank=rank,
         world_size=world,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        crop_scale=cfg.data.crop_scale,
-        phrases_per_image=cfg.data.phrases_per_image,
-        hflip=cfg.data.hflip,
         pin_memory=device.type == "cuda",
     )
     batches = iter(train_loader)
