@@ -39,7 +39,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, quiet_environment, to_json
+from jobs.common import init_ray, to_json
+from jobs.environment import quiet_environment
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual", "text_kernel")
 

@@ -18,7 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from jobs.common import init_ray, quiet_environment, to_json
+from jobs.common import init_ray, to_json
+from jobs.environment import local_only_environment
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 HEADLINE = (
@@ -45,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")
     args = parser.parse_args(argv)
-    # everything the demo loads is local (a tiny CLIP it writes itself): it never needs the hub
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' save_pretrained bar
-    quiet_environment()
+    local_only_environment()
 
     from jobs.config import ExperimentConfig
     from jobs.eval import run_eval
