@@ -70,7 +70,7 @@ def build_demo_data(
     """
     from pipeline.manifest import is_complete
     from pipeline.prepare import run_prepare
-    from pipeline.scenes import SCENE_WORDS, write_scenes
+    from pipeline.scenes import write_scenes
     from segvlm.backbone import make_tiny_clip
     from segvlm.tokenizer import DEFAULT_TINY_WORDS
 
@@ -89,5 +89,6 @@ def build_demo_data(
     for config in configs.values():
         run_prepare(config, log=log, cpus=os.cpu_count())
     stage("prepare")
-    make_tiny_clip(out["clip"], words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)), seed=seed)
+    # the tiny vocabulary covers every scene word (segvlm.vocabulary); sorted, as the demo always built it
+    make_tiny_clip(out["clip"], words=sorted(DEFAULT_TINY_WORDS), seed=seed)
     return out | {"scene_summary": scene_summary}
