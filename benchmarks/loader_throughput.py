@@ -33,10 +33,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.augment import random_object_crop
 from pipeline.loader import DataConfig, make_train_loader
 from pipeline.schema import ImageRecord, Task
 from segvlm.masks import rasterize_polygons
-from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, random_object_crop
+from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 NAMES = ("cup", "table", "dog", "car", "tree", "sign", "man", "window", "shirt", "plate", "chair", "lamp")
 COLOURS = ("red", "blue", "green", "white", "black", "yellow", "brown", "gray")

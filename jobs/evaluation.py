@@ -27,7 +27,7 @@ from segvlm.atomic import write_atomic
 from segvlm.inference import overlay, probabilities_to_size
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.metrics import EvalMetrics
-from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 @dataclasses.dataclass

@@ -51,19 +51,18 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
-from pipeline.prompts import singular
+from pipeline.augment import mirror_phrase, random_object_crop
+from pipeline.grammar import target_words
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
 from pipeline.validate import LOADER_MAX_MEMBER_BYTES, check_sample_sizes
 from segvlm.config import ConfigError
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
-from segvlm.transforms import (
+from segvlm.preprocess import (
     TokenizeFn,
     crop_resize,
     decode_image,
-    mirror_phrase,
     normalize_uint8_batch,
     pil_to_uint8_array,
-    random_object_crop,
     target_mask_array,
 )
 
@@ -418,16 +417,8 @@ class _NegativeSource:
 
 
 def _target_words(task: Task) -> str:
-    """``"red triangle"``: the attributes and name of a positive task's subject, from its structure, the
-    name's last word in the singular ("the red triangles" and "the red triangle" name their targets alike)."""
-    if task.kind == "negative" or not task.phrase_structure:
-        return ""
-    structure = task.phrase_structure
-    name = str(structure.get("name") or "").lower().split()
-    if name:
-        name[-1] = singular(name[-1])
-    attributes = [" ".join(str(a).lower().split()) for a in structure.get("attributes") or []]
-    return " ".join([*(a for a in attributes if a), *name])
+    """The words of a positive task's subject (``grammar.target_words``); none for a negative."""
+    return "" if task.kind == "negative" else target_words(task.phrase_structure)
 
 
 def _name(task: Task) -> str:
@@ -738,7 +729,7 @@ def _eval_items(
         if index % modulus != remainder:
             continue
         key, jpg, record = _parse(sample)
-        image, _ = decode_image(jpg)  # full decode: evaluation matches inference (segvlm.transforms)
+        image, _ = decode_image(jpg)  # full decode: evaluation matches inference (segvlm.preprocess)
         w, h = int(record.width), int(record.height)
         # the same box for image and mask; it also absorbs a decoded size that differs from the metadata
         pixels = pil_to_uint8_array(crop_resize(image, (0, 0, image.width, image.height), size))

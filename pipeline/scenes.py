@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.grammar import split_noun
 from segvlm.atomic import write_bytes_atomic
 from segvlm.vocabulary import (
     PHRASE_TYPES,
@@ -344,15 +345,12 @@ def _noun(name: str, attributes: Sequence[str], plural: bool) -> str:
 
 def _parse_noun(text: str) -> tuple[str, list[str], bool] | None:
     """``"small red circles"`` -> ("circle", ["small", "red"], True); None for words outside the grammar."""
-    words = text.split()
-    if not words:
+    noun = split_noun(text)
+    if noun is None:
         return None
-    *attributes, head = words
-    if head in SINGULARS:
-        name, plural = SINGULARS[head], True
-    elif head in PLURALS:
-        name, plural = head, False
-    else:
+    attributes, head, name, plural = noun
+    # only the scenes' own words, each number spelled as the scenes spell it
+    if name not in PLURALS or head != (PLURALS[name] if plural else name):
         return None
     if any(a not in COLOURS and a not in SIZES for a in attributes):
         return None
