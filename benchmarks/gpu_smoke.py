@@ -189,7 +189,7 @@ def train_and_evaluate(
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
     loss_fn = RAFLoss(LossConfig())
     loader, _ = make_train_loader(
-        DataConfig(train_shards=str(str(data / "train")), num_workers=args.loader_workers),
+        DataConfig(train_shards=str(data / "train"), num_workers=args.loader_workers),
         batch_size=args.batch,
         image_size=image_size,
         tokenizer=tokenize,
