@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_data = args.eval_data
     if args.demo_data:
         init_ray(args.ray_address, num_cpus=None if args.ray_address else os.cpu_count())
-        from pipeline.demo_data import build_demo_data
+        from jobs.demo_data import build_demo_data
 
         data = build_demo_data(
             args.demo_data,

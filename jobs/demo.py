@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     local_only_environment()
 
     from jobs.config import ExperimentConfig
+    from jobs.demo_data import build_demo_data
     from jobs.eval import run_eval
     from jobs.train import run_training
-    from pipeline.demo_data import build_demo_data
     from pipeline.progress import format_table
     from segvlm.config import load_config
 

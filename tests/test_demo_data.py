@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.demo_data import DEMO_PROMPT_RATES, demo_data_paths, demo_prepare_configs
+from jobs.demo_data import DEMO_PROMPT_RATES, demo_data_paths, demo_prepare_configs
 
 
 def test_train_gets_the_demo_prompt_rates_and_val_test_get_no_synthetic_prompts(tmp_path: Path) -> None:
