@@ -179,7 +179,7 @@ def train_and_evaluate(
     device: torch.device,
 ) -> dict[str, Any]:
     from jobs.evaluation import evaluate
-    from pipeline.loader import make_eval_loader, make_train_loader
+    from pipeline.loader import DataConfig, make_eval_loader, make_train_loader
     from segvlm.losses import LossConfig, RAFLoss
 
     cuda = device.type == "cuda"
@@ -189,12 +189,11 @@ def train_and_evaluate(
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
     loss_fn = RAFLoss(LossConfig())
     loader, _ = make_train_loader(
-        str(data / "train"),
+        DataConfig(train_shards=str(data / "train"), num_workers=args.loader_workers),
         batch_size=args.batch,
         image_size=image_size,
         tokenizer=tokenize,
         seed=0,
-        num_workers=args.loader_workers,
         pin_memory=cuda,
     )
     batches = iter(loader)

@@ -33,10 +33,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.loader import make_train_loader
+from pipeline.augment import random_object_crop
+from pipeline.loader import DataConfig, make_train_loader
 from pipeline.schema import ImageRecord, Task
 from segvlm.masks import rasterize_polygons
-from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, random_object_crop
+from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 NAMES = ("cup", "table", "dog", "car", "tree", "sign", "man", "window", "shirt", "plate", "chair", "lamp")
 COLOURS = ("red", "blue", "green", "white", "black", "yellow", "brown", "gray")
@@ -108,16 +109,18 @@ def time_loader(folder: Path, size: int, batch: int, batches: int, workers: int)
     """``(samples per wall second, samples per CPU second)`` of ``make_train_loader`` over ``batches``
     batches after one warm-up batch (with a worker, its start-up CPU time is included)."""
     loader, _ = make_train_loader(
-        folder,
+        DataConfig(
+            train_shards=str(folder),
+            negative_rate=0.2,
+            num_workers=workers,
+            shuffle_buffer=100,
+            task_shuffle_buffer=64,
+        ),
         batch_size=batch,
         image_size=size,
         tokenizer=tokenize,
-        negative_rate=0.2,
         seed=0,
-        num_workers=workers,
         steps_per_epoch=batches + 1,
-        shuffle_buffer=100,
-        task_shuffle_buffer=64,
     )
     cpu0 = cpu_seconds()
     it = iter(loader)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loader_throughput import tokenize, write_shards
 from pipeline import storage
-from pipeline.loader import make_train_loader
+from pipeline.loader import DataConfig, make_train_loader
 from tests.s3_server import aws_environment, start_s3_server
 
 
@@ -36,14 +36,12 @@ def upload(folder: Path, uri: str) -> None:
 def time_loader(location: str, size: int, batch: int, batches: int, workers: int) -> float:
     """Tasks per wall-clock second of ``batches`` training batches (loader start-up included)."""
     loader, _ = make_train_loader(
-        location,
+        DataConfig(train_shards=str(location), num_workers=workers, shuffle_buffer=100),
         batch_size=batch,
         image_size=size,
         tokenizer=tokenize,
         seed=0,
         steps_per_epoch=batches,
-        num_workers=workers,
-        shuffle_buffer=100,
     )
     start = time.perf_counter()
     n = sum(len(b["task_id"]) for b in loader)

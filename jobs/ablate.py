@@ -39,7 +39,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.common import init_ray, quiet_environment, to_json
+from jobs.common import init_ray, to_json
+from jobs.environment import quiet_environment
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual", "text_kernel")
 
@@ -122,53 +123,6 @@ def select_rungs(rungs: Sequence[Rung], spec: str | None) -> list[int]:
     if unknown:
         raise SystemExit(f"segvlm ablate: unknown rung(s) {unknown}; known: {[r.name for r in rungs]}")
     return sorted({known[w] for w in wanted})
-
-
-# ----------------------------------------------------------------------------------------- demo data
-def build_demo_data(
-    directory: str | Path,
-    *,
-    images: int = 2000,
-    image_size: int = 128,
-    seed: int = 0,
-    shard_samples: int = 200,
-    log: Callable[[str], None] = print,
-) -> dict[str, str]:
-    """The demo's synthetic data, as ``jobs/demo.py`` builds it: scenes → ``prepare`` (train with synthetic
-    prompts; val; test) → a tiny CLIP. Reused when a previous call completed it. Returns the paths."""
-    from pipeline.manifest import is_complete
-    from pipeline.prepare import PrepareConfig, run_prepare
-    from pipeline.scenes import SCENE_WORDS, write_scenes
-    from segvlm.backbone import make_tiny_clip
-    from segvlm.tokenizer import DEFAULT_TINY_WORDS
-
-    root = Path(directory).resolve()
-    shards = root / "shards"
-    out = {split: str(shards / split) for split in ("train", "val", "test")}
-    out["clip"] = str(root / "tiny-clip")
-    if (
-        all(is_complete(out[s]) for s in ("train", "val", "test"))
-        and (root / "tiny-clip" / "config.json").exists()
-    ):
-        log(f"[ablate] reusing the demo data in {root}")
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    log(f"[ablate] rendering {images} synthetic scenes ({image_size} px) into {root / 'scenes'}")
-    write_scenes(root / "scenes", n_images=images, seed=seed, size=image_size)
-    for split in ("train", "val", "test"):
-        config = PrepareConfig(
-            source="scenes",
-            root=str(root / "scenes"),
-            split=split,
-            out=out[split],
-            synthetic_prompts=split == "train",
-            seed=seed,
-            shard_samples=shard_samples,
-            progress_every=60.0,
-        )
-        run_prepare(config, log=log, cpus=os.cpu_count())
-    make_tiny_clip(root / "tiny-clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)), seed=seed)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -483,8 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     eval_data = args.eval_data
     if args.demo_data:
         init_ray(args.ray_address, num_cpus=None if args.ray_address else os.cpu_count())
+        from jobs.demo_data import build_demo_data
+
         data = build_demo_data(
-            args.demo_data, images=args.demo_images, image_size=args.demo_image_size, seed=args.seed
+            args.demo_data,
+            images=args.demo_images,
+            image_size=args.demo_image_size,
+            seed=args.seed,
+            progress_every=60.0,
+            reuse=True,
+            label="ablate",
         )
         overrides += [
             f"model.backbone.pretrained={data['clip']}",

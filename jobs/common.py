@@ -6,31 +6,14 @@ import json
 import math
 import os
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# Defaults every job sets (the user's own value wins): no telemetry, Ray Train V2, one line per print
-_QUIET_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_V2_ENABLED": "1",
-    # Train V2 redirects print() to a logger and also tees it when MLflow wraps stdout: every line twice
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # our own progress lines report prepare/train/eval; Ray Data's INFO lines (execution plans, progress
-    # logs when stdout is no terminal) and MLflow's (system-metrics monitor start/stop) would bury them
-    "RAY_DATA_LOG_LEVEL": "WARNING",
-    "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
+from jobs.environment import job_env_vars, quiet_environment
+
 # Ray Train's own INFO lines (resources requested, worker group started, every report and checkpoint) go to
 # its log files only; warnings and errors still reach the console (RunConfig(logging_config=...)).
 TRAIN_LOG_LEVEL = "WARNING"
-# The user's choices, never set by a job: whether the hub may be reached (a cluster node downloading
-# openai/clip-vit-base-patch16 needs it online, an air-gapped one needs HF_HUB_OFFLINE=1), which hub, which
-# MLflow store. Passed on to Ray workers and submitted jobs only when the caller set them.
-USER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "MLFLOW_TRACKING_URI")
 
 
 def to_json(data: Any, **kwargs: Any) -> str:
@@ -47,19 +30,6 @@ def to_json(data: Any, **kwargs: Any) -> str:
         return value
 
     return json.dumps(clean(data), allow_nan=False, **kwargs)
-
-
-def quiet_environment() -> None:
-    """Environment every job sets before importing ray/mlflow (no telemetry); the hub is left to the user."""
-    for key, value in _QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-def job_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
-    """The ``runtime_env`` variables of a Ray job started from ``environ``: our quiet defaults (``environ``'s
-    value where it has one) plus every variable of ``USER_ENV`` that ``environ`` sets, and nothing else."""
-    quiet = {key: environ.get(key, value) for key, value in _QUIET_ENV.items()}
-    return quiet | {key: environ[key] for key in USER_ENV if key in environ}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:

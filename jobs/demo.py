@@ -18,13 +18,10 @@ import os
 import time
 from pathlib import Path
 
-from jobs.common import init_ray, quiet_environment, to_json
+from jobs.common import init_ray, to_json
+from jobs.environment import local_only_environment
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-# The generators' defaults less the templates: at the demo's budget, "a photo of a {}." copies of phrases
-# crowd out phrases of other targets (val mean IoU 0.508 with them vs 0.535 without, 700 steps; README).
-# On scenes the recomposition and relation rewrites find nothing unambiguous, so that leaves negatives.
-DEMO_PROMPT_RATES = {"template": 0.0, "recomposed": 0.5, "relation_rewrite": 1.0, "negative": 0.2}
 HEADLINE = (
     "official/mean_iou",
     "official/cum_iou",
@@ -49,20 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")
     args = parser.parse_args(argv)
-    # everything the demo loads is local (a tiny CLIP it writes itself): it never needs the hub
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' save_pretrained bar
-    quiet_environment()
+    local_only_environment()
 
     from jobs.config import ExperimentConfig
+    from jobs.demo_data import build_demo_data
     from jobs.eval import run_eval
     from jobs.train import run_training
-    from pipeline.prepare import PrepareConfig, run_prepare
     from pipeline.progress import format_table
-    from pipeline.scenes import SCENE_WORDS, write_scenes
-    from segvlm.backbone import make_tiny_clip
     from segvlm.config import load_config
-    from segvlm.tokenizer import DEFAULT_TINY_WORDS
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -73,30 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - start - sum(timings.values()), 1)
         print(f"[demo] {name} done in {timings[name]:.0f} s", flush=True)
 
-    scenes = workdir / "scenes"
-    print(f"[demo] rendering {args.images} synthetic scenes into {scenes}", flush=True)
-    scene_summary = write_scenes(scenes, n_images=args.images, seed=args.seed)
-    stage("scenes")
-
     init_ray(None, num_cpus=os.cpu_count())
+    data = build_demo_data(workdir, images=args.images, seed=args.seed, log=print, stage=stage)
     shards = workdir / "shards"
-    for split in ("train", "val", "test"):
-        config = PrepareConfig(
-            source="scenes",
-            root=str(scenes),
-            split=split,
-            out=str(shards / split),
-            synthetic_prompts=split == "train",
-            prompt_rates=DEMO_PROMPT_RATES,
-            seed=args.seed,
-            shard_samples=200,
-        )
-        run_prepare(config, cpus=os.cpu_count())
-    stage("prepare")
+    clip_dir = data["clip"]
+    scene_summary = data["scene_summary"]
 
-    clip_dir = make_tiny_clip(
-        workdir / "tiny-clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)), seed=args.seed
-    )
     cfg = load_config(
         ExperimentConfig,
         CONFIG,

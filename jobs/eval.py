@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.common import TRAIN_LOG_LEVEL, init_ray, quiet_environment, to_json
+from jobs.common import TRAIN_LOG_LEVEL, init_ray, to_json
+from jobs.environment import quiet_environment
 
 
 def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:

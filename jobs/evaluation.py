@@ -23,10 +23,11 @@ from PIL import Image
 
 from jobs import distributed
 from pipeline.validate import safe_child
+from segvlm.atomic import write_atomic
 from segvlm.inference import overlay, probabilities_to_size
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
 from segvlm.metrics import EvalMetrics
-from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 @dataclasses.dataclass
@@ -62,9 +63,9 @@ def comparison_picture(image: Image.Image, gt: np.ndarray, pred: np.ndarray, phr
 
 
 def write_png_atomic(mask: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(
+        path, lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+    )
 
 
 class PngWriter:

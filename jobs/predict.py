@@ -18,10 +18,10 @@ the image's bytes go through the same decoding and ``segvlm.inference.segment``,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from segvlm.atomic import write_atomic
 
 PROG = "segvlm predict"
 
@@ -58,17 +58,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     return p
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load_image(path: Path):  # -> PIL.Image.Image
@@ -125,12 +114,12 @@ def run(args: argparse.Namespace) -> dict[str, str]:
     written: dict[str, str] = {}
     out = Path(args.out)
     png = encode_mask_png(result.mask)
-    _atomic_write(out, lambda tmp: tmp.write_bytes(png))
+    write_atomic(out, lambda tmp: tmp.write_bytes(png))
     written["mask"] = str(out)
     if args.overlay:
         path = Path(args.overlay)
         fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-        _atomic_write(path, lambda tmp: overlay(image, result.mask, phrase).save(tmp, format=fmt))
+        write_atomic(path, lambda tmp: overlay(image, result.mask, phrase).save(tmp, format=fmt))
         written["overlay"] = str(path)
     if args.save_logits:
         path = Path(args.save_logits)
@@ -139,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
             with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
                 np.save(f, result.logits.astype(np.float32))
 
-        _atomic_write(path, save_npy)
+        write_atomic(path, save_npy)
         written["logits"] = str(path)
     print(
         f"{PROG}: {phrase!r}: {result.foreground:.1%} of {image.width}×{image.height} px above "

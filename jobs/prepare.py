@@ -19,14 +19,10 @@ system temp folder, about the refer file's size; set ``TMPDIR`` to move it).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from pipeline.prepare import DEFAULT_SHARD_SAMPLES, SOURCES, PrepareConfig, run_prepare
 from pipeline.validate import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
-
-# Testing/chaos hook (comma-separated shard indices whose task crashes mid-write); see PrepareConfig.
-CRASH_ENV = "SEGVLM_PREPARE_CRASH_SHARDS"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +76,6 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         rates = parse_rates(args.prompt_rates)
     elif args.prompt_rates:
         raise SystemExit("--prompt-rates needs --synthetic-prompts")
-    crash = tuple(int(i) for i in os.environ.get(CRASH_ENV, "").split(",") if i.strip())
     return PrepareConfig(
         source=args.source,
         root=args.root,
@@ -96,7 +91,6 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         max_image_bytes=args.max_image_bytes,
         progress_every=args.progress_every,
         break_lock=args.break_lock,
-        crash_shards=crash,
     )
 
 

@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobs.common import job_env_vars
+from jobs.environment import job_env_vars
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Environment variables JobSubmissionClient lets override its `address` argument (ray/dashboard/utils.py,

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.common import TRAIN_LOG_LEVEL, git_commit, init_ray, quiet_environment
+from jobs.common import TRAIN_LOG_LEVEL, git_commit, init_ray
 from jobs.config import ExperimentConfig
+from jobs.environment import quiet_environment
 from segvlm.config import load_config, to_dict
 
 

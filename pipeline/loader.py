@@ -51,19 +51,18 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
-from pipeline.prompts import singular
+from pipeline.augment import mirror_phrase, random_object_crop
+from pipeline.grammar import target_words
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
 from pipeline.validate import LOADER_MAX_MEMBER_BYTES, check_sample_sizes
 from segvlm.config import ConfigError
 from segvlm.masks import polygons_at_original_size, rasterize_polygons
-from segvlm.transforms import (
+from segvlm.preprocess import (
     TokenizeFn,
     crop_resize,
     decode_image,
-    mirror_phrase,
     normalize_uint8_batch,
     pil_to_uint8_array,
-    random_object_crop,
     target_mask_array,
 )
 
@@ -94,10 +93,15 @@ class DataConfig:
     negative_rate: float = 0.2
     phrase_type_balance: bool = False
     num_workers: int = 1  # DataLoader workers per training worker
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # raw image samples (compressed bytes, cheap)
+    # augmented tasks (uint8 3×S×S each, ~0.37 MB at 352 px, per DataLoader worker); unused when
+    # phrases_per_image > 1, as tasks sharing an image must stay adjacent
+    task_shuffle_buffer: int = 256
     # side of CLIPSeg's random square crop as a share of the shorter image side; (1, 1) turns cropping off,
     # which phrases about relations and superlatives ("the largest circle") need on small scenes
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    # a crop keeps at least this share of its target's pixels (CLIPSeg's rule)
+    min_object_fraction: float = 0.05
     # > 1: up to this many phrases of an image share its crop in a batch and the image is encoded once for
     # all of them; cheaper per task, and each batch shows the same pixels under different phrases
     phrases_per_image: int = 1
@@ -116,6 +120,8 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if not 0.0 <= self.min_object_fraction <= 1.0:
+            raise ConfigError(f"data.min_object_fraction must lie in [0, 1], got {self.min_object_fraction}")
 
 
 # ----------------------------------------------------------------------------------------------- shards
@@ -411,16 +417,8 @@ class _NegativeSource:
 
 
 def _target_words(task: Task) -> str:
-    """``"red triangle"``: the attributes and name of a positive task's subject, from its structure, the
-    name's last word in the singular ("the red triangles" and "the red triangle" name their targets alike)."""
-    if task.kind == "negative" or not task.phrase_structure:
-        return ""
-    structure = task.phrase_structure
-    name = str(structure.get("name") or "").lower().split()
-    if name:
-        name[-1] = singular(name[-1])
-    attributes = [" ".join(str(a).lower().split()) for a in structure.get("attributes") or []]
-    return " ".join([*(a for a in attributes if a), *name])
+    """The words of a positive task's subject (``grammar.target_words``); none for a negative."""
+    return "" if task.kind == "negative" else target_words(task.phrase_structure)
 
 
 def _name(task: Task) -> str:
@@ -445,23 +443,10 @@ class _TypeBalancer:
         return bool(self.rng.random() < min(seen) / self.counts[kind])
 
 
-@dataclasses.dataclass
-class _TrainConfig:
-    batch_size: int
-    image_size: int
-    negative_rate: float
-    shuffle_buffer: int
-    task_shuffle_buffer: int
-    phrase_type_balance: bool
-    min_object_fraction: float
-    crop_scale: tuple[float, float]
-    phrases_per_image: int = 1
-    hflip: float = 0.0
-
-
 def _train_items(
     samples: Iterable[dict[str, Any]],
-    cfg: _TrainConfig,
+    cfg: DataConfig,
+    size: int,
     rng: np.random.Generator,
     errors: _ErrorBudget,
 ) -> Iterator[dict[str, Any]]:
@@ -475,7 +460,6 @@ def _train_items(
     crop allows it. With probability ``hflip`` a crop (shared by its group) is mirrored left–right, its
     masks with it, and each of its phrases is mirrored too (``mirror_phrase``), so the pair stays true.
     """
-    size = cfg.image_size
     negatives = _NegativeSource(cfg.negative_rate, rng)
     balancer = _TypeBalancer(rng) if cfg.phrase_type_balance else None
     per_image = cfg.phrases_per_image
@@ -546,7 +530,7 @@ def _train_items(
 
 
 def _crop_box(
-    width: int, height: int, tasks: list[Task], cfg: _TrainConfig, rng: np.random.Generator
+    width: int, height: int, tasks: list[Task], cfg: DataConfig, rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
     """A random square crop keeping ``min_object_fraction`` of the union of the tasks' targets."""
     instances = [instance for task in tasks for instance in task.polygons]
@@ -572,9 +556,11 @@ class TrainStream(IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        cfg: _TrainConfig,
+        cfg: DataConfig,
         tokenizer: TokenizeFn,
         *,
+        batch_size: int,
+        image_size: int,
         seed: int,
         rank: int,
         steps_per_epoch: int | None,
@@ -582,6 +568,8 @@ class TrainStream(IterableDataset):
         super().__init__()
         self.urls = urls
         self.cfg = cfg
+        self.batch_size = int(batch_size)
+        self.image_size = int(image_size)
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.rank = int(rank)
@@ -606,17 +594,16 @@ class TrainStream(IterableDataset):
         shuffle_seed, task_seed = (int(s.generate_state(1)[0]) for s in streams[2:])
         errors = _ErrorBudget()
         cfg = self.cfg
+        samples, tasks = max(1, cfg.shuffle_buffer), max(1, cfg.task_shuffle_buffer)
         stages: list[Any] = [
             lambda: _resampled_urls(self.urls, url_rng),
             _tarfile_to_samples(handler=errors),
-            wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=shuffle_seed),
-            lambda src: _train_items(src, cfg, item_rng, errors),
+            wds.shuffle(samples, initial=min(samples, 100), seed=shuffle_seed),
+            lambda src: _train_items(src, cfg, self.image_size, item_rng, errors),
         ]
         if cfg.phrases_per_image == 1:  # tasks sharing an image stay adjacent, or they cannot share it
-            stages.append(
-                wds.shuffle(cfg.task_shuffle_buffer, initial=min(cfg.task_shuffle_buffer, 64), seed=task_seed)
-            )
-        stages.append(wds.batched(cfg.batch_size, collation_fn=self._collate, partial=False))
+            stages.append(wds.shuffle(tasks, initial=min(tasks, 64), seed=task_seed))
+        stages.append(wds.batched(self.batch_size, collation_fn=self._collate, partial=False))
         pipeline = wds.DataPipeline(*stages)
         if self.steps_per_epoch is None:
             yield from pipeline
@@ -642,64 +629,49 @@ class TrainLoader(DataLoader):
 
 
 def make_train_loader(
-    urls_or_dir: str | os.PathLike | Sequence[str],
+    data: DataConfig,
     *,
-    split: str = "train",
     batch_size: int,
     image_size: int,
     tokenizer: TokenizeFn,
-    negative_rate: float = 0.2,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int = 0,
     steps_per_epoch: int | None = None,
     samples_per_epoch: int | None = None,
-    shuffle_buffer: int = 1000,
-    task_shuffle_buffer: int = 256,
-    phrase_type_balance: bool = False,
-    min_object_fraction: float = 0.05,
-    crop_scale: tuple[float, float] = (0.5, 1.0),
-    phrases_per_image: int = 1,
-    hflip: float = 0.0,
     pin_memory: bool = False,
     return_dataset: bool = False,
 ) -> tuple[TrainLoader | TrainStream, LoaderInfo]:
-    """The training loader of one rank and what it decided.
+    """The training loader of one rank over ``data.train_shards`` (split ``data.train_split``), and what it
+    decided.
 
+    Every data knob comes from ``data`` (checked by ``DataConfig.validate``); the arguments are what the
+    training run decides: batch and image size, seed, this rank's place, and the epoch length.
     ``steps_per_epoch`` is batches per rank per epoch; ``samples_per_epoch`` is global (all ranks, as
     open_clip's ``train_num_samples``) and becomes ``ceil(samples / (batch_size · world_size))`` steps.
     With neither, the stream is endless. Either way every rank yields exactly the same number of batches
     (full batches only), whatever the shard sizes: shards are resampled with replacement, so no rank can
-    run out. ``shuffle_buffer`` counts raw image samples (compressed bytes, cheap); ``task_shuffle_buffer``
-    counts augmented tasks (uint8 ``3×S×S`` each, ~0.37 MB at 352 px, per worker) and is unused when
-    ``phrases_per_image > 1`` (up to that many tasks of one image share a crop; see ``collate_train``).
-    ``hflip`` is the probability of mirroring a crop left–right together with its phrases (left ↔ right).
+    run out. With ``phrases_per_image > 1`` up to that many tasks of one image share a crop (see
+    ``collate_train``); ``hflip`` mirrors a crop left–right together with its phrases (left ↔ right).
     Returns a ``TrainLoader`` (``batch_size=None``; batching happens in the pipeline), or the bare
     ``TrainStream`` with ``return_dataset=True``.
     """
+    data.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    if phrases_per_image < 1:
-        raise ValueError(f"phrases_per_image must be >= 1, got {phrases_per_image}")
-    if not 0.0 <= hflip <= 1.0:
-        raise ValueError(f"hflip must lie in [0, 1], got {hflip}")
-    urls, sizes = list_shards(urls_or_dir, split)
+    urls, sizes = list_shards(data.train_shards, data.train_split)
     if steps_per_epoch is None and samples_per_epoch is not None:
         steps_per_epoch = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
-    cfg = _TrainConfig(
+    stream = TrainStream(
+        urls,
+        data,
+        tokenizer,
         batch_size=batch_size,
         image_size=image_size,
-        negative_rate=negative_rate,
-        shuffle_buffer=max(1, shuffle_buffer),
-        task_shuffle_buffer=max(1, task_shuffle_buffer),
-        phrase_type_balance=phrase_type_balance,
-        min_object_fraction=min_object_fraction,
-        crop_scale=tuple(crop_scale),
-        phrases_per_image=phrases_per_image,
-        hflip=hflip,
+        seed=seed,
+        rank=rank,
+        steps_per_epoch=steps_per_epoch,
     )
-    stream = TrainStream(urls, cfg, tokenizer, seed=seed, rank=rank, steps_per_epoch=steps_per_epoch)
     info = LoaderInfo(
         urls=urls,
         num_shards=len(urls),
@@ -707,15 +679,15 @@ def make_train_loader(
         batch_size=batch_size,
         world_size=world_size,
         rank=rank,
-        num_workers=num_workers,
+        num_workers=data.num_workers,
         steps_per_epoch=steps_per_epoch,
         batches_per_worker=None
         if steps_per_epoch is None
-        else _split_batches(steps_per_epoch, max(1, num_workers)),
+        else _split_batches(steps_per_epoch, max(1, data.num_workers)),
     )
     if return_dataset:
         return stream, info
-    loader = TrainLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+    loader = TrainLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)
     return loader, info
 
 
@@ -757,7 +729,7 @@ def _eval_items(
         if index % modulus != remainder:
             continue
         key, jpg, record = _parse(sample)
-        image, _ = decode_image(jpg)  # full decode: evaluation matches inference (segvlm.transforms)
+        image, _ = decode_image(jpg)  # full decode: evaluation matches inference (segvlm.preprocess)
         w, h = int(record.width), int(record.height)
         # the same box for image and mask; it also absorbs a decoded size that differs from the metadata
         pixels = pil_to_uint8_array(crop_resize(image, (0, 0, image.width, image.height), size))

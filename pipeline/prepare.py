@@ -99,8 +99,6 @@ class PrepareConfig:
     # Take over the output's lock even though its holder looks alive (object stores: a crashed run's lock
     # is otherwise honoured until its heartbeat is stale_after old).
     break_lock: bool = False
-    # Testing hook: shard indices whose task dies after half-writing its temp file (a simulated crash).
-    crash_shards: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -267,7 +265,9 @@ class ShardJob:
     prompt_rates: dict[str, float] | None = None
     seed: int = 0
     negative_pool: tuple[tuple[str, str], ...] = ()
-    crash_shards: tuple[int, ...] = ()
+    # called as shard_hook(plan, job, path) in the task just before the shard is written (tests inject
+    # faults through it; it must pickle, as the job travels to every task)
+    shard_hook: Callable[[ShardPlan, ShardJob, str], None] | None = None
     run_id: str | None = None
     split: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -334,8 +334,8 @@ def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
         rows.extend(record_rows)
 
     path = shards.join(job.base, plan.name)
-    if plan.index in job.crash_shards:
-        _simulate_crash(job.filesystem, path, job.run_id)
+    if job.shard_hook is not None:
+        job.shard_hook(plan, job, path)
     if samples:
         info = shards.write_shard(samples, job.filesystem, path, run_id=job.run_id)
         shard_bytes, sha = info.bytes, info.sha256
@@ -388,12 +388,6 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {
         k: (v if v is None or isinstance(v, str | int | float | bool) else str(v)) for k, v in row.items()
     }
-
-
-def _simulate_crash(filesystem: pafs.FileSystem, path: str, run_id: str | None) -> None:
-    with filesystem.open_output_stream(shards.temp_path(path, run_id)) as stream:
-        stream.write(b"half a tar")
-    raise RuntimeError(f"simulated crash while writing {posixpath.basename(path)}")
 
 
 def finished_sidecar(plan: ShardPlan, job: ShardJob, *, verify: bool = True) -> dict[str, Any] | None:
@@ -678,8 +672,12 @@ def run_prepare(
     filesystem: pafs.FileSystem | None = None,
     log: Callable[[str], None] = print,
     cpus: float | None = None,
+    shard_hook: Callable[[ShardPlan, ShardJob, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the job on the current Ray instance (the caller starts it); return the summary dict.
+
+    ``shard_hook(plan, job, path)`` runs inside each shard's task just before its tar is written (a picklable
+    callable; tests use it to crash a task halfway).
 
     Raises :class:`pipeline.runlock.OutputLocked` when another run is writing to the same output.
     """
@@ -688,7 +686,7 @@ def run_prepare(
     run_id = shards.new_run_id()
     lock = RunLock(fs, base, run_id, break_lock=config.break_lock).acquire()
     try:
-        summary = _run_locked(config, fs, base, run_id, lock, log, cpus, start)
+        summary = _run_locked(config, fs, base, run_id, lock, log, cpus, start, shard_hook)
     except BaseException:
         lock.release("failed")
         raise
@@ -705,6 +703,7 @@ def _run_locked(
     log: Callable[[str], None],
     cpus: float | None,
     start: float,
+    shard_hook: Callable[[ShardPlan, ShardJob, str], None] | None = None,
 ) -> dict[str, Any]:
     removed_markers = remove_markers(fs, base)
     if removed_markers:
@@ -734,7 +733,7 @@ def _run_locked(
             prompt_rates=dict(config.prompt_rates or {}),
             seed=config.seed,
             negative_pool=pool,
-            crash_shards=tuple(config.crash_shards),
+            shard_hook=shard_hook,
             run_id=run_id,
             split=config.split,
             max_pixels=config.max_pixels,

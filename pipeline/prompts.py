@@ -61,6 +61,18 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from pipeline.grammar import (
+    ARTICLES,
+    compose_phrase,
+    is_plural,
+    phrase_type,
+    singular,
+    strip_article,
+    structure_attributes,
+    structure_name,
+    structure_relations,
+    tokens,
+)
 from pipeline.schema import ImageRecord, Task
 
 CLIPSEG_TEMPLATES: tuple[str, ...] = (
@@ -84,9 +96,8 @@ DEFAULT_RATES: dict[str, float] = {
     "negative": 0.2,
 }
 
-_ARTICLES = frozenset({"a", "an", "the"})
 # function words never decide whether a negative's name names something in the image
-_STOPWORDS = _ARTICLES | frozenset(
+_STOPWORDS = ARTICLES | frozenset(
     {
         "of",
         "on",
@@ -170,22 +181,6 @@ _SYNONYM_GROUPS: tuple[frozenset[str], ...] = (
         }
     ),
 )
-_IRREGULAR_PLURALS = {
-    "men": "man", "women": "woman", "people": "person", "children": "child", "feet": "foot", "teeth": "tooth",
-    "mice": "mouse", "geese": "goose", "leaves": "leaf", "knives": "knife", "shelves": "shelf",
-    "wolves": "wolf", "halves": "half", "loaves": "loaf", "scarves": "scarf", "lives": "life",
-}  # fmt: skip
-# words ending in "s" that are not plurals
-_NOT_PLURAL = frozenset(
-    {"glass", "grass", "bus", "gas", "dress", "cross", "lens", "series", "species", "news"}
-)
-# words PhraseCut puts after the name when an attribute starts with them (its att_name_phrase)
-_POSTPOSED_ATT_STARTS = frozenset(
-    {"in", "on", "for", "of", "with", "made", "to", "not", "turned", "off", "from"}
-)
-_ING_NOT_VERBS = frozenset(
-    {"living", "king", "ping", "ceiling", "building", "painting", "clothing", "string"}
-)
 # predicates that already carry a verb: "that has the hat", not "that is has the hat"
 _VERB_PREDICATES = frozenset(
     {
@@ -219,41 +214,9 @@ _MAX_RELATIONS = 3
 # ---------------------------------------------------------------------------------------------- words
 
 
-def singular(word: str) -> str:
-    """A simple singular of one lowercase word ("cups" -> "cup", "boxes" -> "box", "men" -> "man").
-
-    Not a lemmatiser: it only has to map both sides of a comparison to the same form.
-    """
-    word = word.lower()
-    if word in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[word]
-    if word in _NOT_PLURAL or len(word) <= 3 or word.endswith(("ss", "us", "is")):
-        return word
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "xes", "sses", "zes")):
-        return word[:-2]
-    if word.endswith("s"):
-        return word[:-1]
-    return word
-
-
-def _tokens(text: str) -> list[str]:
-    """Lowercase words of a phrase, without trailing punctuation."""
-    return [w for w in (t.strip(".,;:!?\"'") for t in text.lower().split()) if w]
-
-
-def strip_article(phrase: str) -> str:
-    """``phrase`` without surrounding whitespace, a final period and a leading "the"/"a"/"an"."""
-    words = phrase.strip().rstrip(".").split()
-    if len(words) > 1 and words[0].lower() in _ARTICLES:
-        words = words[1:]
-    return " ".join(words)
-
-
 def normalise_name(name: str) -> str:
     """Lowercase, no article, every word singular: "The Cups" -> "cup"."""
-    return " ".join(singular(w) for w in _tokens(strip_article(name)))
+    return " ".join(singular(w) for w in tokens(strip_article(name)))
 
 
 def _group_of(word: str) -> int | None:
@@ -287,59 +250,7 @@ def _contains(haystack: Sequence[str], needle: Sequence[str]) -> bool:
     return _find(haystack, needle) >= 0
 
 
-def _is_plural(name: str) -> bool:
-    words = _tokens(name)
-    return bool(words) and singular(words[-1]) != words[-1]
-
-
 # ------------------------------------------------------------------------------------------- structure
-
-
-def _relations(ps: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """``relation_descriptions`` as (predicate, object) pairs; malformed entries are dropped."""
-    out = []
-    for rd in (ps or {}).get("relation_descriptions") or []:
-        if (
-            isinstance(rd, list | tuple)
-            and len(rd) == 2
-            and all(isinstance(x, str) and x.strip() for x in rd)
-        ):
-            out.append((rd[0].strip(), rd[1].strip()))
-    return out
-
-
-def _attributes(ps: Mapping[str, Any] | None) -> list[str]:
-    return [a.strip() for a in (ps or {}).get("attributes") or [] if isinstance(a, str) and a.strip()]
-
-
-def _name(ps: Mapping[str, Any] | None) -> str:
-    name = (ps or {}).get("name")
-    return name.strip() if isinstance(name, str) else ""
-
-
-def _postposed(att: str) -> bool:
-    """Whether PhraseCut writes ``att`` after the name ("cup in water", "man wearing hat"; its att_name_phrase)."""
-    words = att.split()
-    return len(words) > 1 and (
-        words[0] in _POSTPOSED_ATT_STARTS or (words[0].endswith("ing") and words[0] not in _ING_NOT_VERBS)
-    )
-
-
-def compose_phrase(name: str, attributes: Sequence[str], relations: Sequence[tuple[str, str]]) -> str:
-    """A phrase the way PhraseCut writes one: attributes around the name, then "predicate object" pairs.
-
-    Attributes keep the given order ("small red circle"); postposed ones follow the name.
-    """
-    before = [a for a in attributes if not _postposed(a)]
-    after = [a for a in attributes if _postposed(a)]
-    return " ".join([*before, name, *after, *(f"{pred} {obj}" for pred, obj in relations)])
-
-
-def phrase_type(attributes: Sequence[str], relations: Sequence[Any]) -> str:
-    """The PhraseCut type a phrase of this shape would get."""
-    if attributes and relations:
-        return "verbose"
-    return "attribute" if attributes else "relation" if relations else "name"
 
 
 def _target_signature(task: Task) -> frozenset:
@@ -367,17 +278,19 @@ def template_phrases(task: Task) -> list[str]:
 def recomposition_allowed(task: Task, others: Sequence[Task]) -> bool:
     """Rules 1-3 of the module docstring: may any reduced phrase of ``task`` be generated at all?"""
     ps = task.phrase_structure or {}
-    name = _name(ps)
+    name = structure_name(ps)
     if ps.get("type") != "name" or not name:
         return False
-    words = _tokens(task.phrase)
-    if not _contains(words, _tokens(name)) or not all(_contains(words, _tokens(a)) for a in _attributes(ps)):
+    words = tokens(task.phrase)
+    if not _contains(words, tokens(name)) or not all(
+        _contains(words, tokens(a)) for a in structure_attributes(ps)
+    ):
         return False
     mine = _target_signature(task)
     for other in others:
         if other.task_id == task.task_id or other.kind == "negative":
             continue
-        other_name = _name(other.phrase_structure) or other.phrase
+        other_name = structure_name(other.phrase_structure) or other.phrase
         if names_conflict(name, other_name) and _target_signature(other) != mine:
             return False
     return True
@@ -388,15 +301,15 @@ def recomposed_structures(task: Task, others: Sequence[Task]) -> list[tuple[str,
     if not recomposition_allowed(task, others):
         return []
     ps = task.phrase_structure or {}
-    name, atts, rels = _name(ps), _attributes(ps), _relations(ps)
-    words = _tokens(task.phrase)
+    name, atts, rels = structure_name(ps), structure_attributes(ps), structure_relations(ps)
+    words = tokens(task.phrase)
     # the attributes in the order the phrase has them, so reduced phrases read like the original
-    atts.sort(key=lambda a: _find(words, _tokens(a)))
+    atts.sort(key=lambda a: _find(words, tokens(a)))
     if len(atts) > _MAX_ATTRIBUTES or len(rels) > _MAX_RELATIONS or not (atts or rels):
         return []
     rel_ids = list(ps.get("relation_ids") or [])
     ids_aligned = len(rel_ids) == len(rels)
-    existing = {" ".join(_tokens(t.phrase)) for t in others} | {" ".join(_tokens(task.phrase))}
+    existing = {" ".join(tokens(t.phrase)) for t in others} | {" ".join(tokens(task.phrase))}
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
     for n_att in range(len(atts), -1, -1):  # longest first: the closest paraphrases come first
@@ -407,7 +320,7 @@ def recomposed_structures(task: Task, others: Sequence[Task]) -> list[tuple[str,
                         continue  # the original phrase itself
                     rel_subset = [rels[i] for i in rel_index]
                     phrase = compose_phrase(name, att_subset, rel_subset)
-                    norm = " ".join(_tokens(phrase))
+                    norm = " ".join(tokens(phrase))
                     if norm in existing or norm in seen:
                         continue
                     seen.add(norm)
@@ -443,7 +356,7 @@ def relation_rewrite(task: Task) -> str | None:
     (the subject) must contain the name: then the rewrite says the same thing in other words.
     """
     ps = task.phrase_structure or {}
-    rels, name = _relations(ps), _name(ps)
+    rels, name = structure_relations(ps), structure_name(ps)
     if not rels or not name:
         return None
     words = strip_article(task.phrase).split()
@@ -455,13 +368,13 @@ def relation_rewrite(task: Task) -> str | None:
     if len(words) <= n or lower[-n:] != [w.lower() for w in tail]:
         return None
     subject = words[:-n]
-    if not _contains([w.lower() for w in subject], _tokens(name)):
+    if not _contains([w.lower() for w in subject], tokens(name)):
         return None
-    plural = _is_plural(name)
+    plural = is_plural(name)
     clauses = []
     for pred, obj in rels:
         obj_words = obj.split()
-        obj_text = obj if obj_words[0].lower() in _ARTICLES else f"the {obj}"
+        obj_text = obj if obj_words[0].lower() in ARTICLES else f"the {obj}"
         clauses.append(f"{_relation_clause(pred, plural)} {obj_text}")
     return f"the {' '.join(subject)} that {' and '.join(clauses)}"
 
@@ -473,15 +386,15 @@ def image_vocabulary(tasks: Iterable[Task]) -> set[str]:
         if task.kind == "negative":
             continue
         ps = task.phrase_structure or {}
-        texts = [task.phrase, _name(ps), *(obj for _, obj in _relations(ps))]
+        texts = [task.phrase, structure_name(ps), *(obj for _, obj in structure_relations(ps))]
         for text in texts:
-            vocab.update(singular(w) for w in _tokens(text) if w not in _STOPWORDS)
+            vocab.update(singular(w) for w in tokens(text) if w not in _STOPWORDS)
     return vocab
 
 
 def negative_allowed(name: str, vocabulary: set[str]) -> bool:
     """Whether a phrase whose object name is ``name`` surely names nothing in an image with ``vocabulary``."""
-    words = [singular(w) for w in _tokens(name) if w not in _STOPWORDS]
+    words = [singular(w) for w in tokens(name) if w not in _STOPWORDS]
     if not words:
         return False
     groups = {g for g in (_group_of(w) for w in vocabulary) if g is not None}
@@ -550,7 +463,7 @@ def negative_pool_entries(tasks: Iterable[Task]) -> Iterator[tuple[str, str]]:
     """(name, phrase) of each original task with a phrase: what a negative pool draws from."""
     for task in tasks:
         if task.kind == "original" and task.phrase.strip():
-            yield (_name(task.phrase_structure) or task.phrase.strip(), task.phrase.strip())
+            yield (structure_name(task.phrase_structure) or task.phrase.strip(), task.phrase.strip())
 
 
 def build_negative_pool(
@@ -606,7 +519,7 @@ def augment_record(
     rates = validate_rates(rates)
     tasks = list(record.tasks)
     used_ids = {t.task_id for t in tasks}
-    used_phrases = {" ".join(_tokens(t.phrase)) for t in tasks}
+    used_phrases = {" ".join(tokens(t.phrase)) for t in tasks}
     vocabulary = image_vocabulary(tasks)
     generated: list[Task] = []
 
@@ -654,7 +567,7 @@ def augment_record(
         for _ in range(counts["negative"] if negative_pool else 0):
             for _try in range(_NEGATIVE_TRIES):
                 name, phrase = negative_pool[rng.randrange(len(negative_pool))]
-                norm = " ".join(_tokens(phrase))
+                norm = " ".join(tokens(phrase))
                 if norm in used_phrases or not negative_allowed(name, vocabulary):
                     continue
                 used_phrases.add(norm)

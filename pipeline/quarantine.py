@@ -6,16 +6,16 @@ Bad records never crash a job and never pass silently: the reader turns each int
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import shards
 from pipeline.schema import QuarantineRecord
 
 QUARANTINE_FILE = "quarantine.parquet"
@@ -128,28 +128,12 @@ def write_quarantine(
     """
     table = to_table(records)
     final = _target(os.fspath(path_or_fs_path))
-    parent = final.rsplit("/", 1)[0] if "/" in final else ""
-    # the project's temp-name convention ("*.tmp-*"), so a crashed run's leftovers are recognised and swept
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
     if filesystem is None:
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        filesystem, target = pafs.LocalFileSystem(), os.path.abspath(final)
     else:
-        if parent:
-            filesystem.create_dir(parent, recursive=True)
-        try:
-            pq.write_table(table, tmp, filesystem=filesystem)
-            filesystem.move(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                filesystem.delete_file(tmp)
-            raise
+        target = final
+    with shards.publishing(filesystem, target) as stream:
+        pq.write_table(table, stream)
     return final
 
 

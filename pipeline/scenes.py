@@ -35,46 +35,46 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.schema import PHRASE_TYPES
+from pipeline.grammar import split_noun
+from segvlm.atomic import write_bytes_atomic
+from segvlm.vocabulary import (
+    PHRASE_TYPES,
+    SCENE_COLOURS,
+    SCENE_GENERIC,
+    SCENE_PLURALS,
+    SCENE_RELATIONS,
+    SCENE_SHAPES,
+    SCENE_SIZES,
+    SCENE_SUPERLATIVES,
+    SCENE_WORDS,  # noqa: F401  (re-exported: what a tokenizer for the scenes must cover)
+)
 
 Point = tuple[float, float]
 Poly = list[Point]
 
-KINDS = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ellipse")
-PLURALS = {k: ("crosses" if k == "cross" else f"{k}s") for k in (*KINDS, "shape")}
+# The words (segvlm.vocabulary, which the tiny CLIP's tokenizer also covers) and how each is drawn
+KINDS = SCENE_SHAPES
+PLURALS = SCENE_PLURALS
 SINGULARS = {v: k for k, v in PLURALS.items()}
-GENERIC = "shape"  # the name that matches every kind ("the red shapes", "the smallest shape")
+GENERIC = SCENE_GENERIC
 # bright, saturated colours that stand out on the dark, desaturated backgrounds below
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 35, 35),
-    "green": (40, 185, 60),
-    "blue": (45, 95, 245),
-    "yellow": (240, 225, 40),
-    "orange": (250, 135, 15),
-    "purple": (150, 55, 215),
-    "white": (245, 245, 245),
-    "pink": (255, 130, 200),
-}
-SIZES: dict[str, float] = {"small": 0.075, "medium": 0.115, "large": 0.165}  # radius / image side
+COLOURS: dict[str, tuple[int, int, int]] = dict(
+    zip(
+        SCENE_COLOURS,
+        [(220, 35, 35), (40, 185, 60), (45, 95, 245), (240, 225, 40), (250, 135, 15), (150, 55, 215),
+         (245, 245, 245), (255, 130, 200)],
+        strict=True,
+    )
+)  # fmt: skip
+SIZES: dict[str, float] = dict(zip(SCENE_SIZES, (0.075, 0.115, 0.165), strict=True))  # radius / image side
 SIZE_RANK = {name: rank for rank, name in enumerate(SIZES)}
-RELATIONS = ("left of", "right of", "above", "below")
-SUPERLATIVES = {"largest of": "largest", "smallest of": "smallest"}  # predicate -> word in the phrase
+RELATIONS = SCENE_RELATIONS
+SUPERLATIVES = SCENE_SUPERLATIVES
 REL_MARGIN = 0.1  # centre offset (× image side) from which a relation clearly holds
 REL_NOT = REL_MARGIN / 3  # ... and up to which it clearly does not; in between no phrase uses it
 MIN_VISIBLE = 0.6  # an occluded shape keeps at least this share of its area visible
 MIN_PIECE_AREA = 0.25  # px²: slivers of a subtraction below this are dropped (invisible at any scale)
 JPEG_QUALITY = 92
-
-SCENE_WORDS: tuple[str, ...] = tuple(
-    sorted(
-        {"the", "that", "is", "are", "of", "left", "right", "above", "below"}
-        | set(PLURALS)
-        | set(PLURALS.values())
-        | set(COLOURS)
-        | set(SIZES)
-        | set(SUPERLATIVES.values())
-    )
-)
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -345,15 +345,12 @@ def _noun(name: str, attributes: Sequence[str], plural: bool) -> str:
 
 def _parse_noun(text: str) -> tuple[str, list[str], bool] | None:
     """``"small red circles"`` -> ("circle", ["small", "red"], True); None for words outside the grammar."""
-    words = text.split()
-    if not words:
+    noun = split_noun(text)
+    if noun is None:
         return None
-    *attributes, head = words
-    if head in SINGULARS:
-        name, plural = SINGULARS[head], True
-    elif head in PLURALS:
-        name, plural = head, False
-    else:
+    attributes, head, name, plural = noun
+    # only the scenes' own words, each number spelled as the scenes spell it
+    if name not in PLURALS or head != (PLURALS[name] if plural else name):
         return None
     if any(a not in COLOURS and a not in SIZES for a in attributes):
         return None
@@ -637,13 +634,6 @@ def assign_splits(n_images: int, splits: dict[str, float], seed: int) -> dict[in
     return out
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_scenes(
     out: str | os.PathLike[str],
     n_images: int,
@@ -686,10 +676,10 @@ def write_scenes(
         floor[split] += every_shape_ious(scene)
         types[split].update(t["phrase_structure"]["type"] for t in scene.tasks)
     for split, tasks in refer.items():
-        _write_atomic(
+        write_bytes_atomic(
             os.path.join(out, f"refer_{split}.json"), json.dumps(tasks, separators=(",", ":")).encode()
         )
-    _write_atomic(
+    write_bytes_atomic(
         os.path.join(out, "image_data_split.json"), json.dumps(metadata, separators=(",", ":")).encode()
     )
     return {

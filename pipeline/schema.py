@@ -18,8 +18,9 @@ import json
 import re
 from typing import Any
 
+from segvlm.vocabulary import PHRASE_TYPES  # noqa: F401  (re-exported: the records' phrase types)
+
 TASK_KINDS = ("original", "template", "recomposed", "relation_rewrite", "negative")
-PHRASE_TYPES = ("name", "attribute", "relation", "verbose")
 _KEY_SAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow.fs as pafs
 
 from pipeline.schema import ImageRecord, Task
+from segvlm import atomic
 
 # Members are written with a fixed mtime/owner/mode so identical input gives identical bytes
 # (reproducible shards hash the same, and a rerun can be verified against a previous one).
@@ -128,14 +129,6 @@ def local_path(filesystem: pafs.FileSystem, path: str) -> str | None:
     return None
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def publishing(filesystem: pafs.FileSystem, path: str, run_id: str | None = None) -> Iterator:
     """Write to a temp name, publish as ``path`` when the block ends without error (else delete the temp).
@@ -152,10 +145,7 @@ def publishing(filesystem: pafs.FileSystem, path: str, run_id: str | None = None
         if local_tmp is not None and local_final is not None:
             with open(local_tmp, "xb") as stream:
                 yield stream
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(local_tmp, local_final)
-            _fsync_dir(os.path.dirname(local_final))
+            atomic.publish_file(local_tmp, local_final)
         else:
             with filesystem.open_output_stream(tmp) as stream:
                 yield stream

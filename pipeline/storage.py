@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from pipeline import shards
+from segvlm.atomic import publish_dir
 
 __all__ = [
     "StorageError",
@@ -193,9 +194,11 @@ def upload_dir(local_dir: str | os.PathLike, location: str | os.PathLike) -> str
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        shutil.copytree(source, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        try:
+            shutil.copytree(source, tmp)
+            publish_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return text
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir_contents(path, missing_dir_ok=True)

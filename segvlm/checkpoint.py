@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
+from segvlm.atomic import publish_dir
 from segvlm.backbone import CLIPBackbone, load_clip
 from segvlm.config import ConfigError, ModelConfig, load_config, to_yaml
 from segvlm.model import SegVLM
@@ -165,13 +166,7 @@ def save_checkpoint(
         # meta.json last: its presence marks a complete folder even if a rename were interrupted
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,7 +1,7 @@
 """Single-image inference: a phrase and an image in, a probability map at the image's own size out.
 
 ``Predictor`` wraps a ``SegVLM`` with the preprocessing it was trained with: the image is resized to the
-model's square input (``image_size``², CLIP mean/std normalisation, see ``segvlm.transforms.eval_transform``),
+model's square input (``image_size``², CLIP mean/std normalisation, see ``segvlm.preprocess.eval_transform``),
 the phrase is tokenized by the backbone's tokenizer, and the sigmoid of the logits is resized back to the
 original H×W with bilinear interpolation. Thresholding is left to the caller (``probabilities > t``), so one
 forward pass serves any threshold; ``Predictor.threshold`` is the one the checkpoint was calibrated with on
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
 
-from segvlm.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
+from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, eval_transform
 
 __all__ = [
     "DEFAULT_THRESHOLD",

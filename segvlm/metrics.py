@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from segvlm.vocabulary import PHRASE_TYPES
+
 __all__ = [
     "CLIPSEG_THRESHOLDS",
     "OFFICIAL_PR_THRESHOLDS",
@@ -41,7 +43,6 @@ OFFICIAL_PR_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 # decision thresholds ThresholdSweep scores (0.2, 0.25, …, 0.7): wide enough for a model whose probabilities
 # are not calibrated to 0.5, coarse enough that the choice on a few hundred validation tasks is not noise
 SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.2 + 0.05 * i, 2) for i in range(11))
-PHRASE_TYPES: tuple[str, ...] = ("name", "attribute", "relation", "verbose")
 SIZE_SUBSETS: tuple[str, ...] = ("small", "medium", "large")
 INSTANCE_SUBSETS: tuple[str, ...] = ("single", "multiple")
 # CLIPSeg metrics.py (FixedIntervalMetrics, n_values=51): "[1:-1] ignores 0 and 1" → 0.02, 0.04, …, 0.98.

@@ -18,29 +18,22 @@ from collections.abc import Iterable
 
 from transformers import CLIPTokenizer
 
+from segvlm.vocabulary import SCENE_COLOURS, SCENE_SHAPES, SCENE_SIZES, SCENE_SUPERLATIVES, SCENE_WORDS
+
 __all__ = ["DEFAULT_TINY_WORDS", "build_word_tokenizer", "check_tokenizer"]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 
-_SHAPES = (
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "hexagon",
-    "diamond",
-    "cross",
-    "ellipse",
-    "pentagon",
-    "heart",
-)
+# the scenes' words first, then words of other shapes and phrasings a tiny model may meet
+_SHAPES = (*SCENE_SHAPES, "pentagon", "heart")
 _SHAPE_PLURALS = tuple(s + ("es" if s.endswith("s") else "s") for s in _SHAPES)
-_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "black", "pink", "cyan", "gray", "grey",
-            "brown")  # fmt: skip
-_SIZES = ("small", "medium", "large", "big", "tiny", "largest", "smallest", "biggest", "larger", "smaller",
-          "bigger", "huge", "little", "size", "sized")  # fmt: skip
+# "black" keeps its place before the scenes' last colour: the order of these words is the tiny tokenizer's
+# token ids, which checkpoints of arch "tiny" rely on
+_COLOURS = (*SCENE_COLOURS[:-1], "black", SCENE_COLOURS[-1], "cyan", "gray", "grey", "brown")
+_SIZES = (*SCENE_SIZES, "big", "tiny", *SCENE_SUPERLATIVES.values(), "biggest", "larger", "smaller", "bigger", "huge",
+          "little", "size", "sized")  # fmt: skip
 _RELATIONS = ("left", "right", "above", "below", "of", "the", "a", "an", "on", "that", "is", "are", "to", "next",
               "near", "in", "photo", "image", "cropped", "good", "bad", "one", "ones", "photograph", "shape",
               "shapes", "object", "objects", "thing", "things", "and", "with", "which", "top", "bottom", "front",
@@ -53,7 +46,9 @@ _DIGITS = tuple(str(d) for d in range(10))
 _PUNCTUATION = (".", ",")
 
 DEFAULT_TINY_WORDS: tuple[str, ...] = tuple(
-    dict.fromkeys(_SHAPES + _SHAPE_PLURALS + _COLOURS + _SIZES + _RELATIONS + _DIGITS + _PUNCTUATION)
+    dict.fromkeys(
+        _SHAPES + _SHAPE_PLURALS + _COLOURS + _SIZES + _RELATIONS + _DIGITS + _PUNCTUATION + SCENE_WORDS
+    )
 )
 """Vocabulary of the synthetic-scene phrases and of CLIPSeg's prompt templates ("a photo of a {}.", ...)."""
 

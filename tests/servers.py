@@ -76,7 +76,8 @@ def two_node_cluster(
     import ray.cloudpickle
     from ray.cluster_utils import Cluster
 
-    from jobs.common import init_ray, quiet_environment
+    from jobs.common import init_ray
+    from jobs.environment import quiet_environment
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 token authentication: off for this local cluster

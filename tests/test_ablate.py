@@ -111,6 +111,11 @@ def test_rungs_run_under_one_parent_run(ray_local, tmp_path, capsys):
     )
     assert rc == 0
     printed = capsys.readouterr().out
+    # the demo's data, built as the demo builds it: its synthetic prompts hold negatives and no templates
+    kinds = json.loads((tmp_path / "data" / "shards" / "train" / "summary.json").read_text())[
+        "tasks_per_kind"
+    ]
+    assert kinds.get("negative", 0) > 0 and "template" not in kinds, kinds
     out_dir = tmp_path / "work" / "abl"
     summary = json.loads((out_dir / "ablation.json").read_text())
     rows = summary["rows"]

@@ -190,7 +190,7 @@ def test_processor_size_and_normalisation_are_kept(clipseg_dir, tmp_path):
     from PIL import Image
 
     from segvlm.inference import Predictor
-    from segvlm.transforms import pil_to_uint8_tensor
+    from segvlm.preprocess import pil_to_uint8_tensor
 
     folder = tmp_path / "with_processor"
     shutil.copytree(clipseg_dir, folder)

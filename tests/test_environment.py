@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from jobs import submit
-from jobs.common import USER_ENV, job_env_vars
+from jobs.environment import USER_ENV, job_env_vars
 from jobs.tracking import resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def test_a_job_started_without_hub_settings_does_not_go_offline():
     # set-up, both are still unset (huggingface_hub then may download, as the user's machine allows)
     env = {k: v for k, v in os.environ.items() if k not in USER_ENV}
     code = (
-        "import os\nfrom jobs.common import quiet_environment, job_env_vars\nquiet_environment()\n"
+        "import os\nfrom jobs.environment import quiet_environment, job_env_vars\nquiet_environment()\n"
         "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('MLFLOW_DISABLE_TELEMETRY'),"
         " sorted(job_env_vars(os.environ)))"
     )
@@ -140,3 +140,17 @@ def test_ui_serves_the_store_mlflow_tracking_uri_names(monkeypatch, tmp_path, ca
     assert "open http://127.0.0.1:5997" in capsys.readouterr().out
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert ui.main(["--workdir", str(tmp_path / "nothing-here")]) == 2  # no local store to serve
+
+
+def test_the_demos_local_only_environment_goes_offline_unless_the_user_chose(monkeypatch):
+    from jobs.environment import QUIET_ENV, local_only_environment
+
+    for key in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", *QUIET_ENV):
+        monkeypatch.delenv(key, raising=False)
+    local_only_environment()
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"  # the quiet defaults come with it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    local_only_environment()
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and os.environ["RAY_USAGE_STATS_ENABLED"] == "1"

@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import phrasecut
-from pipeline.loader import make_eval_loader, make_train_loader
+from pipeline.loader import DataConfig, make_eval_loader, make_train_loader
 from pipeline.phrasecut import iter_records, list_images, load_image_record
 from pipeline.prepare import AccountingError, check_accounting
 from pipeline.quarantine import REASONS, RECORD_ERROR, read_quarantine, write_quarantine
@@ -287,9 +287,13 @@ def test_loaders_never_allocate_from_an_unchecked_size(tmp_path):
         list(loader)
     # training: skipped, and only the good sample's tasks come out
     stream, _ = make_train_loader(
-        tmp_path, batch_size=4, image_size=32, tokenizer=fake_tokenize, negative_rate=0.0,
-        steps_per_epoch=2, shuffle_buffer=1, return_dataset=True,
-    )  # fmt: skip
+        DataConfig(train_shards=str(tmp_path), negative_rate=0.0, shuffle_buffer=1, num_workers=0),
+        batch_size=4,
+        image_size=32,
+        tokenizer=fake_tokenize,
+        steps_per_epoch=2,
+        return_dataset=True,
+    )
     batches = list(stream)
     assert len(batches) == 2 and {k for b in batches for k in b["key"]} == {"t_1"}
 
@@ -301,18 +305,26 @@ def test_training_error_budget_skips_corrupt_samples_but_stops_an_all_broken_str
     mixed.mkdir()
     _write_tar(mixed / "train-000000.tar", [*broken, ("t_999", good, _record(999).to_json())])
     stream, _ = make_train_loader(
-        mixed, batch_size=2, image_size=32, tokenizer=fake_tokenize, negative_rate=0.0,
-        steps_per_epoch=3, shuffle_buffer=1, return_dataset=True,
-    )  # fmt: skip
+        DataConfig(train_shards=str(mixed), negative_rate=0.0, shuffle_buffer=1, num_workers=0),
+        batch_size=2,
+        image_size=32,
+        tokenizer=fake_tokenize,
+        steps_per_epoch=3,
+        return_dataset=True,
+    )
     assert len(list(stream)) == 3  # 10 consecutive failures < the budget of 50: skipped
     assert "skipping after error" in capsys.readouterr().err
     dead = tmp_path / "dead"
     dead.mkdir()
     _write_tar(dead / "train-000000.tar", broken)
     stream, _ = make_train_loader(
-        dead, batch_size=2, image_size=32, tokenizer=fake_tokenize, negative_rate=0.0,
-        steps_per_epoch=3, shuffle_buffer=1, return_dataset=True,
-    )  # fmt: skip
+        DataConfig(train_shards=str(dead), negative_rate=0.0, shuffle_buffer=1, num_workers=0),
+        batch_size=2,
+        image_size=32,
+        tokenizer=fake_tokenize,
+        steps_per_epoch=3,
+        return_dataset=True,
+    )
     with pytest.raises(RuntimeError, match="51 consecutive shard/sample errors"):
         list(stream)  # endless resampling over nothing but broken samples stops, it does not spin
 
@@ -409,9 +421,13 @@ def test_loaders_cap_what_a_tar_member_may_ask_for(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"t_2\.jpg .* bytes, over the"):
         list(make_eval_loader(tmp_path, split="train", batch_size=4, image_size=32, tokenizer=fake_tokenize))
     stream, _ = make_train_loader(
-        tmp_path, batch_size=2, image_size=32, tokenizer=fake_tokenize, negative_rate=0.0,
-        steps_per_epoch=2, shuffle_buffer=1, return_dataset=True,
-    )  # fmt: skip
+        DataConfig(train_shards=str(tmp_path), negative_rate=0.0, shuffle_buffer=1, num_workers=0),
+        batch_size=2,
+        image_size=32,
+        tokenizer=fake_tokenize,
+        steps_per_epoch=2,
+        return_dataset=True,
+    )
     assert {k for b in stream for k in b["key"]} == {"t_1"}  # t_2 skipped: it lacks its jpg member now
     monkeypatch.setattr(loader, "MAX_MEMBER_BYTES", len(big) + 100)
     keys = [k for b in make_eval_loader(tmp_path, split="train", batch_size=4, image_size=32,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -16,18 +17,16 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from pipeline.loader import eval_assignment, list_shards, make_eval_loader, make_train_loader
+from pipeline.augment import mirror_phrase, object_fraction, random_object_crop
+from pipeline.loader import DataConfig, eval_assignment, list_shards, make_eval_loader, make_train_loader
 from pipeline.schema import ImageRecord, Task
 from segvlm.masks import rasterize_polygons
-from segvlm.transforms import (
+from segvlm.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     crop_resize,
     decode_image,
     eval_transform,
-    mirror_phrase,
-    object_fraction,
-    random_object_crop,
     target_mask,
     target_mask_array,
 )
@@ -181,30 +180,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------- transforms
 
 
-def test_random_object_crop_keeps_five_percent() -> None:
-    """Definition: ``object_fraction(full-resolution mask, box) >= 0.05`` for every crop, including tiny
-    objects in a corner and on wide images, and boxes are square and inside the image."""
-    rng = np.random.default_rng(0)
-    for trial in range(300):
-        w, h = int(rng.integers(20, 200)), int(rng.integers(20, 200))
-        mask = np.zeros((h, w), np.uint8)
-        ow, oh = (
-            int(rng.integers(1, max(2, w // (1 + trial % 8)))),
-            int(rng.integers(1, max(2, h // (1 + trial % 8)))),
-        )
-        x, y = int(rng.integers(0, w - ow + 1)), int(rng.integers(0, h - oh + 1))
-        mask[y : y + oh, x : x + ow] = 1
-        box = random_object_crop(w, h, mask, rng=rng, scale=(0.2, 0.6))
-        x0, y0, x1, y1 = box
-        assert x1 - x0 == y1 - y0 >= 1 and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-        assert object_fraction(mask, box) >= 0.05, (trial, box)
-        bbox_box = random_object_crop(w, h, (x, y, x + ow, y + oh), rng=rng, scale=(0.2, 0.6))
-        assert object_fraction(mask, bbox_box) >= 0.05
-    # empty targets: any square crop
-    box = random_object_crop(50, 30, None, rng=rng)
-    assert box[2] - box[0] == box[3] - box[1] <= 30
-
-
 @pytest.mark.parametrize("size", [128, 352])
 def test_target_mask_aligned_with_high_resolution_raster(size: int) -> None:
     """Rasterising the polygons directly at S after crop+resize ≈ cropping and resizing an 8× raster:
@@ -336,17 +311,14 @@ def test_train_ranks_get_equal_batch_counts(tmp_path: Path) -> None:
     counts = []
     for rank in range(2):
         loader, info = make_train_loader(
-            tmp_path,
+            DataConfig(train_shards=str(tmp_path), num_workers=2, shuffle_buffer=8, task_shuffle_buffer=8),
             batch_size=4,
             image_size=16,
             tokenizer=fake_tokenize,
             seed=3,
             rank=rank,
             world_size=2,
-            num_workers=2,
             steps_per_epoch=5,
-            shuffle_buffer=8,
-            task_shuffle_buffer=8,
         )
         assert len(loader) == 5 and info.batches_per_worker == [3, 2] and info.num_images == 10
         batches = list(loader)
@@ -355,7 +327,7 @@ def test_train_ranks_get_equal_batch_counts(tmp_path: Path) -> None:
         counts.append(len(list(loader)))  # a second epoch too
     assert counts == [5, 5, 5, 5]
     _, info = make_train_loader(
-        tmp_path,
+        DataConfig(train_shards=str(tmp_path), num_workers=0),
         batch_size=4,
         image_size=16,
         tokenizer=fake_tokenize,
@@ -371,7 +343,7 @@ def test_train_is_seeded(tmp_path: Path) -> None:
 
     def first(seed: int, rank: int) -> dict:
         stream, _ = make_train_loader(
-            tmp_path,
+            DataConfig(train_shards=str(tmp_path), num_workers=0),
             batch_size=6,
             image_size=16,
             tokenizer=fake_tokenize,
@@ -389,8 +361,12 @@ def test_train_is_seeded(tmp_path: Path) -> None:
 
 
 def _train_items(folder: Path, n_batches: int, **kwargs) -> list[dict]:
+    knobs = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(
+        train_shards=str(folder), num_workers=0, **{k: kwargs.pop(k) for k in knobs & set(kwargs)}
+    )
     stream, _ = make_train_loader(
-        folder,
+        data,
         batch_size=kwargs.pop("batch_size", 16),
         image_size=kwargs.pop("image_size", 48),
         tokenizer=fake_tokenize,
@@ -451,9 +427,13 @@ def test_train_phrases_per_image_share_one_crop(tmp_path: Path) -> None:
     records = write_shards(tmp_path, [6, 6], width=96, height=72, negatives=True)
     expected = all_tasks(records)
     stream, _ = make_train_loader(
-        tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, negative_rate=0.25,
-        steps_per_epoch=10, phrases_per_image=2, return_dataset=True,
-    )  # fmt: skip
+        DataConfig(train_shards=str(tmp_path), negative_rate=0.25, phrases_per_image=2, num_workers=0),
+        batch_size=8,
+        image_size=48,
+        tokenizer=fake_tokenize,
+        steps_per_epoch=10,
+        return_dataset=True,
+    )
     images = tasks = 0
     for batch in stream:
         index = batch["image_index"]
@@ -487,12 +467,26 @@ def test_train_phrases_per_image_share_one_crop(tmp_path: Path) -> None:
                     assert (painted & grow(mask > 0)).sum() >= 0.95 * painted.sum(), task.phrase
     assert images < 0.7 * tasks  # each image holds 3 objects: most crops serve two phrases
 
-    single = next(iter(make_train_loader(
-        tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, steps_per_epoch=1, return_dataset=True,
-    )[0]))  # fmt: skip
+    single = next(
+        iter(
+            make_train_loader(
+                DataConfig(train_shards=str(tmp_path), num_workers=0),
+                batch_size=8,
+                image_size=48,
+                tokenizer=fake_tokenize,
+                steps_per_epoch=1,
+                return_dataset=True,
+            )[0]
+        )
+    )
     assert single["image_index"].tolist() == list(range(8)) and single["pixel_values"].shape[0] == 8
     with pytest.raises(ValueError, match="phrases_per_image"):
-        make_train_loader(tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, phrases_per_image=0)
+        make_train_loader(
+            DataConfig(train_shards=str(tmp_path), phrases_per_image=0, num_workers=0),
+            batch_size=8,
+            image_size=48,
+            tokenizer=fake_tokenize,
+        )
 
 
 def test_train_hflip_mirrors_pixels_masks_and_phrases_together(tmp_path: Path) -> None:
@@ -501,10 +495,21 @@ def test_train_hflip_mirrors_pixels_masks_and_phrases_together(tmp_path: Path) -
     records = write_shards(tmp_path, [8, 8], width=96, height=72, sides=True)
     expected = all_tasks(records)
     stream, _ = make_train_loader(
-        tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, negative_rate=0.0,
-        steps_per_epoch=24, phrases_per_image=2, hflip=0.5, seed=3, crop_scale=(1.0, 1.0),
+        DataConfig(
+            train_shards=str(tmp_path),
+            negative_rate=0.0,
+            phrases_per_image=2,
+            hflip=0.5,
+            crop_scale=(1.0, 1.0),
+            num_workers=0,
+        ),
+        batch_size=8,
+        image_size=48,
+        tokenizer=fake_tokenize,
+        steps_per_epoch=24,
+        seed=3,
         return_dataset=True,
-    )  # fmt: skip
+    )
     flips = []
     for batch in stream:
         index = batch["image_index"]
@@ -537,19 +542,12 @@ def test_train_hflip_mirrors_pixels_masks_and_phrases_together(tmp_path: Path) -
                     assert batch["phrase"][i].endswith(f"on the {side}"), (batch["phrase"][i], side)
     assert 0.3 <= np.mean(flips) <= 0.7, np.mean(flips)
     with pytest.raises(ValueError, match="hflip"):
-        make_train_loader(tmp_path, batch_size=8, image_size=48, tokenizer=fake_tokenize, hflip=1.5)
-
-
-def test_mirror_phrase_swaps_left_and_right_words_only() -> None:
-    assert mirror_phrase("the cup left of the bowl") == "the cup right of the bowl"
-    assert mirror_phrase("Right of the TV, LEFT of the door") == "Left of the TV, RIGHT of the door"
-    assert mirror_phrase("the leftmost chair") == "the rightmost chair"
-    assert mirror_phrase("a left-hand glove, rightward") == "a right-hand glove, leftward"
-    assert mirror_phrase("the leftover cake and the rights") == "the leftover cake and the rights"
-    assert mirror_phrase("a bright light on the upright pole") == "a bright light on the upright pole"
-    assert mirror_phrase("the circle above the square") == "the circle above the square"
-    for phrase in ("left of the red one and right of it", "Leftmost", "RIGHT-HAND"):
-        assert mirror_phrase(mirror_phrase(phrase)) == phrase
+        make_train_loader(
+            DataConfig(train_shards=str(tmp_path), hflip=1.5, num_workers=0),
+            batch_size=8,
+            image_size=48,
+            tokenizer=fake_tokenize,
+        )
 
 
 def test_target_words_name_the_subject_in_the_singular() -> None:
@@ -632,7 +630,7 @@ def test_planted_pickle_is_never_decoded(tmp_path: Path, monkeypatch: pytest.Mon
         assert not any("pickle" in k for k in batch)
         seen += batch["task_id"]
     assert sorted(seen) == sorted(all_tasks(records))
-    trained = _train_items(tmp_path, 2, image_size=16, split="val")
+    trained = _train_items(tmp_path, 2, image_size=16, train_split="val")
     assert len(trained) == 32
 
 

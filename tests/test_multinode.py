@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults import crash_shards
 from tests.fixtures_train import IMAGE_SIZE, tiny_experiment
 from tests.servers import two_node_cluster
 
@@ -321,15 +322,15 @@ def test_prepare_whose_node_dies_is_rerun_to_the_clean_manifest(cluster, data, t
     seen = tmp_path / "seen"
     seen.mkdir()
     monkeypatch.setattr(prepare, "_ray_process", recording_process(str(seen), delay=1.0))
-    # the last shard's task also fails (crash_shards): the first run fails whether or not Ray retries the
+    # the last shard's task also fails (a crash hook): the first run fails whether or not Ray retries the
     # tasks of the dead node elsewhere
-    config = dataclasses.replace(clean, out=str(tmp_path / "crashed"), crash_shards=(11,))
+    config = dataclasses.replace(clean, out=str(tmp_path / "crashed"))
     assert len(mf.load_sizes(tmp_path / "clean")) == 12
     errors: list[BaseException] = []
 
     def first_run() -> None:
         try:
-            run_prepare(config, log=lambda _: None)
+            run_prepare(config, log=lambda _: None, shard_hook=crash_shards(11))
         except BaseException as err:
             errors.append(err)
 
@@ -350,7 +351,7 @@ def test_prepare_whose_node_dies_is_rerun_to_the_clean_manifest(cluster, data, t
 
     logs: list[str] = []
     monkeypatch.setattr(prepare, "_ray_process", recording_process(str(seen), delay=0.0))
-    summary = run_prepare(dataclasses.replace(config, crash_shards=()), log=logs.append)
+    summary = run_prepare(config, log=logs.append)
     print(f"rerun: {summary['shards_resumed']} of 12 shards reused from the interrupted run")
     assert 0 < summary["shards_resumed"] < 12
     assert mf.is_complete(tmp_path / "crashed")

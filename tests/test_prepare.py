@@ -17,6 +17,7 @@ from pipeline.prepare import PrepareConfig, run_prepare
 from pipeline.prompts import DEFAULT_RATES
 from pipeline.quarantine import read_quarantine
 from segvlm.masks import rasterize_polygons
+from tests.faults import crash_shards
 from tests.fixtures_phrasecut import make_phrasecut_fixture
 
 pytestmark = pytest.mark.slow
@@ -124,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_manifest(ray_local, fixture_root, t
     run_prepare(PrepareConfig(out=clean, **base), log=lambda _: None)
 
     with pytest.raises(Exception, match="simulated crash"):
-        run_prepare(PrepareConfig(out=crashed, crash_shards=(2,), **base), log=lambda _: None)
+        run_prepare(PrepareConfig(out=crashed, **base), log=lambda _: None, shard_hook=crash_shards(2))
     assert not mf.is_complete(crashed)
     assert not os.path.exists(os.path.join(crashed, mf.MANIFEST))
     assert not _no_temp_files(crashed)  # the crash left half a tar behind

@@ -13,6 +13,7 @@ from pipeline import manifest as mf
 from pipeline import shards
 from pipeline.prepare import PrepareConfig, run_prepare
 from pipeline.runlock import LOCK_NAME
+from tests.faults import crash_shards
 from tests.fixtures_phrasecut import make_phrasecut_fixture
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def test_a_crashed_rerun_never_leaves_the_old_markers_and_spares_foreign_temp_fi
     # a rerun with other settings (every shard is rewritten) that dies halfway: the earlier run's
     # markers must not make the folder read as finished
     with pytest.raises(Exception, match="simulated crash"):
-        run_prepare(_config(root, out, max_side=50, crash_shards=(1,)), log=lambda _: None)
+        run_prepare(_config(root, out, max_side=50), log=lambda _: None, shard_hook=crash_shards(1))
     assert not mf.is_complete(out)
     for name in (mf.MANIFEST, mf.SIZES, mf.SUMMARY, mf.QUARANTINE):
         assert not os.path.exists(os.path.join(out, name)), name

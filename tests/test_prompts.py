@@ -386,12 +386,8 @@ def test_parse_rates():
         prompts.augment_record(busy_record(), rng=random.Random(0), rates={"original": 1.0})
 
 
-def test_singular_and_normalise():
-    assert [prompts.singular(w) for w in ["cups", "boxes", "berries", "men", "glass", "bus", "leaves", "dress"]] == [
-        "cup", "box", "berry", "man", "glass", "bus", "leaf", "dress"]  # fmt: skip
+def test_normalise_name():
     assert prompts.normalise_name("The Coffee Cups") == "coffee cup"
-    assert prompts.strip_article("a red cup.") == "red cup"
-    assert prompts.strip_article("the") == "the"
 
 
 # ------------------------------------------------------------------------------- synth-prompts job

@@ -76,7 +76,7 @@ def test_storage_round_trip_on_s3(aws, tmp_path):
 
 def test_shards_on_s3_are_the_local_shards_and_the_loaders_stream_them(aws, data):
     from pipeline import storage
-    from pipeline.loader import list_shards, make_eval_loader, make_train_loader
+    from pipeline.loader import DataConfig, list_shards, make_eval_loader, make_train_loader
     from tests.test_loader import fake_tokenize as tokenize
 
     root, _ = data
@@ -102,14 +102,12 @@ def test_shards_on_s3_are_the_local_shards_and_the_loaders_stream_them(aws, data
 
     def train_batches(location, workers):
         loader, _ = make_train_loader(
-            location,
+            DataConfig(train_shards=str(location), num_workers=workers, shuffle_buffer=20),
             batch_size=4,
             image_size=IMAGE_SIZE,
             tokenizer=tokenize,
             seed=5,
             steps_per_epoch=6,
-            num_workers=workers,
-            shuffle_buffer=20,
         )
         return list(loader)
 
