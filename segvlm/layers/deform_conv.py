@@ -179,7 +179,9 @@ class LanguageConditionedDeformConv2d(nn.Module):
         """x: B×C_in×h×w, cond: B×cond_dim → (B×C_out×h×w output, B×2k²×h×w offsets, B×k²×h×w masks)."""
         offset, mask = self.predict_offsets(x, cond)
         self.last_offset, self.last_mask = offset.detach(), mask.detach()
-        out = deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask, impl=self.impl)
+        out = deform_conv2d(
+            x, offset, self.weight, self.bias, padding=self.padding, mask=mask, impl=self.impl
+        )
         return out, offset, mask
 
     def extra_repr(self) -> str:
