@@ -323,7 +323,7 @@ def test_tracking_relay_accepts_only_its_logging_methods_and_paths_inside(tmp_pa
 
     relay = object.__new__(TrackingRelay)  # the actor's own method, without starting Ray
     relay.logger = None
-    for method in ("open", "__init__", "_relay_call", "__class__", "start", None):
+    for method in ("open", "__init__", "_call", "__class__", "start", None):
         with pytest.raises(ValueError, match="not a logging method"):
             relay.call(method, (), {}, None)
     for method, args, kwargs in [
@@ -428,17 +428,14 @@ def test_quarantine_detail_is_bounded(tmp_path):
     assert len(back["detail"]) <= 2000 and back["detail"].endswith("(1000000 chars)")
 
 
-def test_relay_allowlist_is_exactly_what_run_logger_forwards():
-    """A logging method added to RunLogger without the relay's allowlist would be refused on a cluster."""
+def test_relay_allowlist_is_exactly_what_the_relayed_logger_forwards():
+    """A logging method added to RelayedLogger without the relay's allowlist would be refused on a cluster."""
     import inspect
     import re
 
-    import jobs.tracking
-    from jobs.tracking_relay import RELAYED_METHODS
+    from jobs.tracking_relay import RELAYED_METHODS, RelayedLogger
 
-    source = inspect.getsource(jobs.tracking)
-    forwarded = set(re.findall(r"@_relayable\s+def (\w+)", source))
-    forwarded |= set(re.findall(r'_relay_call\(\s*"(\w+)"', source))
+    forwarded = set(re.findall(r'self\._call\(\s*"(\w+)"', inspect.getsource(RelayedLogger)))
     assert forwarded == set(RELAYED_METHODS)
 
 
