@@ -75,7 +75,7 @@ class DecoderConfig:
     # CLIPSeg's head: conv3x3 → ReLU → ConvT → ReLU → ConvT (CIDAS/clipseg-rd64-refined); False = the
     # single ConvT(D → 1, kernel = stride = patch) of HF's default use_complex_transposed_convolution=False
     complex_transposed_convolution: bool = True
-    # the head's last layer, a name in ``segvlm.decoder.HEADS``: "convt" = CLIPSeg's transposed-conv head;
+    # the head's last layer, a name in ``segvlm.decoder.HEADS`` (checked when the decoder is built): "convt" = CLIPSeg's transposed-conv head;
     # "text_kernel" = the phrase supplies the kernel and bias of a 1×1 conv over the head's 1/4-resolution
     # features (CRIS's text-to-pixel head) in place of CLIPSeg's last ConvT, the logits upsampled bilinearly,
     # so every pixel's score is a phrase-specific readout, never a phrase-free one
@@ -99,10 +99,6 @@ class DecoderConfig:
                     f"decoder.{switch} needs complex_transposed_convolution (it works on the 1/4-resolution "
                     "features after the first ConvT)"
                 )
-        from segvlm.decoder import HEADS  # the registry lives with the heads; imported here to avoid a cycle
-
-        if self.head not in HEADS:
-            raise ConfigError(f"decoder.head must be one of {sorted(HEADS)}, got {self.head!r}")
         if self.deform_impl not in ("auto", "native", "torchvision"):
             raise ConfigError(
                 f"decoder.deform_impl must be 'auto', 'native' or 'torchvision', got {self.deform_impl!r}"

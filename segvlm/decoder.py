@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segvlm.config import DecoderConfig
+from segvlm.config import ConfigError, DecoderConfig
 from segvlm.layers import (
     GatedCrossAttention,
     ResidualRefinementBlock,
@@ -226,7 +226,7 @@ class SegDecoder(nn.Module):
         )
         # ---- the head (a registered builder; its modules become attributes, so their names are CLIPSeg's)
         if cfg.head not in HEADS:
-            raise ValueError(f"unknown decoder head {cfg.head!r}; known: {sorted(HEADS)}")
+            raise ConfigError(f"decoder.head must be one of {sorted(HEADS)}, got {cfg.head!r}")
         self.text_kernel: nn.Linear | None = None
         head_modules = HEADS[cfg.head](
             cfg, dim=d, patch_size=patch_size, cond_dim=d if cfg.projector else projection_dim
