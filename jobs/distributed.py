@@ -13,8 +13,11 @@ worker's GPU, and a CPU tensor would still have a backend (gloo) rather than a c
 
 from __future__ import annotations
 
+import random
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -99,6 +102,19 @@ def all_reduce_min(value: int, device: torch.device) -> int:
     if world_size() == 1:
         return value
     return int(all_reduce(torch.tensor([value], dtype=torch.int64, device=device), op="min").item())
+
+
+def init_worker(*, use_gpu: bool, threads: int, seed: int) -> torch.device:
+    """A training worker's process: ``threads`` torch threads, every RNG seeded with ``seed``; returns its
+    device (:func:`worker_device`)."""
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    # DDP's bucket views cannot match the strides torch picks for a ConvTranspose weight with one input
+    # channel; harmless (one extra copy) but printed by every worker
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return worker_device(use_gpu)
 
 
 def worker_device(use_gpu: bool) -> torch.device:

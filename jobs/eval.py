@@ -216,7 +216,7 @@ def _absolute(location: str) -> str:
     return location if storage.is_uri(location) else str(Path(location).resolve())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segvlm eval",
         description=__doc__.split("\n\n")[0],
@@ -249,29 +249,39 @@ def main(argv: list[str] | None = None) -> int:
         help="log the report to this MLflow store (default: $MLFLOW_TRACKING_URI; unset: no logging)",
     )
     parser.add_argument("--run-id", default=None, help="append to this MLflow run instead of a new one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, checked before Ray starts; None when nothing is."""
     from pipeline import storage
 
     try:
-        found = storage.is_dir(args.checkpoint)
+        if not storage.is_dir(args.checkpoint):
+            return f"checkpoint not found: {args.checkpoint}"
     except storage.StorageError as err:
-        print(f"segvlm eval: --checkpoint {err}")
-        return 2
-    if not found:
-        print(f"segvlm eval: checkpoint not found: {args.checkpoint}")
-        return 2
+        return f"--checkpoint {err}"
     if args.threshold is not None:
         from segvlm.inference import check_threshold
 
         try:
             check_threshold(args.threshold)
         except ValueError as err:
-            print(f"segvlm eval: --{err}")
-            return 2
+            return f"--{err}"
     out = args.out or default_out(_absolute(args.checkpoint), args.split)
     if _inside(_absolute(out), _absolute(args.checkpoint)):
-        print(f"segvlm eval: --out {out} lies inside the checkpoint {args.checkpoint}; pick another folder")
+        return f"--out {out} lies inside the checkpoint {args.checkpoint}; pick another folder"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (error := argument_error(args)) is not None:
+        print(f"segvlm eval: {error}")
         return 2
+    out = args.out or default_out(_absolute(args.checkpoint), args.split)
+    from pipeline import storage
+
     report = run_eval(
         args.checkpoint,
         args.data,

@@ -232,3 +232,49 @@ def score_official_pngs(
                 negative=negative,
             )
     return metrics.compute()
+
+
+def validate(
+    model: torch.nn.Module,
+    cfg: Any,
+    logger: Any,
+    *,
+    step: int,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
+    """The validation of a training run at ``step``: every rank scores its share of ``cfg.data.val_shards``
+    (an ``ExperimentConfig``), the sums are all-reduced, rank 0 logs and prints; returns the summary."""
+    from pipeline.loader import make_eval_loader
+
+    loader = make_eval_loader(
+        cfg.data.val_shards,
+        split=cfg.data.val_split,
+        batch_size=cfg.train.micro_batch,
+        image_size=cfg.model.backbone.image_size,
+        tokenizer=model.backbone.tokenize,
+        rank=rank,
+        world_size=world_size,
+        num_workers=0,
+        pin_memory=device.type == "cuda",
+    )
+    result = evaluate(
+        model,
+        loader,
+        device=device,
+        autocast=lambda: distributed.autocast(cfg.train.precision, device),
+        overlays=cfg.train.overlays if rank == 0 else 0,
+        max_tasks=cfg.train.val_max_tasks,
+    )
+    summary = result.all_reduce(device).compute()
+    log_evaluation(logger, result, summary, step=step, prefix="val")
+    if rank == 0:
+        print(
+            f"[segvlm] step {step} validation: mean IoU {summary['official/mean_iou']:.4f} "
+            f"cum IoU {summary['official/cum_iou']:.4f} ({int(summary['official/count'])} tasks); "
+            f"best threshold {summary['calibration/threshold']:g} "
+            f"(mean IoU {summary['calibration/mean_iou']:.4f})",
+            flush=True,
+        )
+    return summary

@@ -70,3 +70,21 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
         lr=optim.lr,
         betas=optim.betas,
     )
+
+
+def fit_steps_to_budget(
+    *,
+    budget_s: float,
+    max_steps: int,
+    step: int,
+    elapsed_s: float,
+    window_s: float,
+    window_steps: int,
+) -> int:
+    """Total steps that fit ``budget_s`` at the pace of the last logging window (``window_steps`` steps in
+    ``window_s``), so the cosine schedule ends when the budget does; never fewer than ``step`` nor more than
+    ``max_steps``. Ranks must agree on the answer (the loop all-reduces the minimum): they stop at the same
+    step or ``ray.train.report``, a barrier, hangs."""
+    seconds_per_step = window_s / max(window_steps, 1)
+    fits = step + int(max(0.0, budget_s - elapsed_s) / max(seconds_per_step, 1e-9))
+    return max(step, min(max_steps, fits))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ def run_training(
     tracking_uri: str | None = None,
     ray_address: str | None = None,
     parent_run_id: str | None = None,
+    step_hook: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one training run and return ``{run_id, best_checkpoint, best_score, steps, seconds}``.
 
@@ -57,6 +58,9 @@ def run_training(
 
     Runs on the driver. With ``cfg.tracking.relay`` (``auto``: a loopback tracking server) it first starts a
     tracking relay actor on this node, through which the rank-0 worker logs; it is stopped after the fit.
+
+    ``step_hook(step, rank)``, when given, is called by every worker before each step (the tests' fault
+    injection: a hook that kills one worker at one step); it travels to the workers by value.
     """
     quiet_environment()
     init_ray(ray_address)
@@ -66,14 +70,8 @@ def run_training(
     from jobs.distributed import process_group_backend
     from jobs.tracking import RunLogger, resolve_tracking_uri
     from jobs.tracking_relay import needs_relay, start_relay, stop_relay
-    from jobs.train_loop import (
-        FAIL_ENV,
-        MODEL_DIR,
-        SCORE_KEY,
-        TRAIN_STATE,
-        checkpoint_directory,
-        train_loop_per_worker,
-    )
+    from jobs.train_loop import train_loop_per_worker
+    from jobs.train_state import MODEL_DIR, SCORE_KEY, checkpoint_directory, read_train_state
     from pipeline import storage as locations
     from pipeline.manifest import manifest_hash
 
@@ -104,7 +102,7 @@ def run_training(
             "git_commit": git_commit(Path(__file__).parent),
             "train_manifest_hash": manifest_hash(cfg.data.train_shards),
             "val_manifest_hash": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "",
-            "fail_at": os.environ.get(FAIL_ENV),
+            "step_hook": step_hook,
             "tracking_relay": relay,
         },
         torch_config=TorchConfig(backend=process_group_backend(cfg.train.use_gpu)),
@@ -141,9 +139,7 @@ def run_training(
     )
     # the checkpoint lives in the storage location (S3 on a cluster): as_directory downloads it here
     with checkpoint_directory(best_checkpoint) as ckpt_dir:
-        import torch
-
-        state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=True)
+        state = read_train_state(Path(ckpt_dir))
         locations.upload_dir(Path(ckpt_dir) / MODEL_DIR, best_location)
         run_id = state["run_id"]
         logger = RunLogger(

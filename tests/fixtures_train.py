@@ -59,3 +59,23 @@ def make_scene_data(root: Path, outs: Callable[[str], list[str]] | None = None) 
             )
             run_prepare(config, log=lambda _: None)
     return make_tiny_clip(root / "clip", words=sorted(set(SCENE_WORDS) | set(DEFAULT_TINY_WORDS)))
+
+
+def kill_at_step(step: int, rank: int, marker: Path) -> Callable[[int, int], None]:
+    """A ``run_training(step_hook=...)`` that kills worker ``rank`` hard (``os._exit``, as a lost node or an
+    OOM would: no cleanup, no exception) when it reaches ``step``, once: ``marker`` records that it fired.
+    A closure, so Ray ships it to the workers by value (the tests folder is not importable there)."""
+    marker = Path(marker)
+
+    def hook(current_step: int, current_rank: int) -> None:
+        import os
+        import time
+
+        if current_step == step and current_rank == rank and not marker.exists():
+            marker.write_text(f"killed rank {rank} at step {step}\n")
+            # Ray Train's controller collects reports when it polls the workers (every 2 s); a checkpoint
+            # reported less than one poll before a crash can be lost: wait two polls, for a deterministic test
+            time.sleep(5)
+            os._exit(1)
+
+    return hook

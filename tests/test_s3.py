@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_train import IMAGE_SIZE, make_scene_data, tiny_experiment
+from tests.fixtures_train import IMAGE_SIZE, kill_at_step, make_scene_data, tiny_experiment
 from tests.s3_server import aws_environment
 from tests.servers import mlflow_server
 
@@ -132,7 +132,7 @@ def test_shards_on_s3_are_the_local_shards_and_the_loaders_stream_them(aws, data
 
 
 def test_prepare_train_with_a_killed_worker_resumed_by_a_new_driver_and_eval_with_every_output_on_s3(
-    aws, data, tmp_path, monkeypatch
+    aws, data, tmp_path
 ):
     import torch
     from mlflow import MlflowClient
@@ -141,7 +141,6 @@ def test_prepare_train_with_a_killed_worker_resumed_by_a_new_driver_and_eval_wit
     from jobs.eval import run_eval
     from jobs.evaluation import evaluate, score_official_pngs
     from jobs.train import run_training
-    from jobs.train_loop import FAIL_ENV
     from pipeline import storage
     from pipeline.loader import make_eval_loader
     from pipeline.manifest import load_manifest
@@ -152,7 +151,6 @@ def test_prepare_train_with_a_killed_worker_resumed_by_a_new_driver_and_eval_wit
         marker = tmp_path / "killed"
         # rank 1 dies hard at step 7: step 6 was logged, the newest checkpoint is step 4's; with no retries
         # allowed the job fails, and the same job started again (a new driver) resumes from S3
-        monkeypatch.setenv(FAIL_ENV, f"7:1:{marker}")
         storage_path, best = aws.uri("runs", "ray_results"), aws.uri("runs", "s3run", "best")
         cfg = tiny_experiment(
             root,
@@ -173,7 +171,7 @@ def test_prepare_train_with_a_killed_worker_resumed_by_a_new_driver_and_eval_wit
         )
         started = time.perf_counter()
         with pytest.raises(TrainingFailedError):
-            run_training(cfg, tracking_uri=uri)
+            run_training(cfg, tracking_uri=uri, step_hook=kill_at_step(7, 1, marker))
         assert marker.exists(), "the fault was not injected"
         client = MlflowClient(uri)
         experiment_id = client.get_experiment_by_name("s3-test").experiment_id

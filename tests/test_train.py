@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_train import IMAGE_SIZE, make_scene_data, tiny_experiment
+from tests.fixtures_train import IMAGE_SIZE, kill_at_step, make_scene_data, tiny_experiment
 from tests.servers import mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -34,11 +34,8 @@ def mlflow_client(uri: str):
     return MlflowClient(uri)
 
 
-def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_run(
-    data, tmp_path, monkeypatch
-):
+def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_run(data, tmp_path):
     from jobs.train import run_training
-    from jobs.train_loop import FAIL_ENV
     from pipeline.manifest import load_sizes
 
     root, clip = data
@@ -46,7 +43,6 @@ def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_ru
     assert sizes[0] != sizes[-1], "the training shards should be uneven for this test"
     marker = tmp_path / "killed"
     # rank 1 dies hard (os._exit) at step 7, after the checkpoint of step 5
-    monkeypatch.setenv(FAIL_ENV, f"7:1:{marker}")
     cfg = experiment(
         root,
         clip,
@@ -59,7 +55,7 @@ def test_two_workers_train_with_a_worker_killed_and_resume_in_the_same_mlflow_ru
         "tracking.experiment=fault-test",
     )
     started = time.perf_counter()
-    out = run_training(cfg)
+    out = run_training(cfg, step_hook=kill_at_step(7, 1, marker))
     assert time.perf_counter() - started < 600
     assert marker.exists(), "the fault was not injected"
     assert out["steps"] == 14
