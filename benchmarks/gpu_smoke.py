@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,10 @@ class HFCLIPSeg(nn.Module):
         ).logits
         return logits.reshape(len(input_ids), 1, *logits.shape[-2:])  # HF drops the batch axis when B = 1
 
+    def forward_features(self, *args: Any) -> Any:
+        """What ``segvlm.task.SegmentationTask`` calls; without auxiliary objectives it reads ``.logits`` only."""
+        return types.SimpleNamespace(logits=self(*args))
+
 
 def build_models(tiny: bool) -> tuple[dict[str, nn.Module], Any, int]:
     """``{name: model}`` (SegVLM first), the tokenizer both use, and the input size."""
@@ -180,14 +185,14 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     from jobs.evaluation import evaluate
     from pipeline.loader import DataConfig, make_eval_loader, make_train_loader
-    from segvlm.losses import LossConfig, RAFLoss
+    from segvlm.task import build_task
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = model.to(device).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    task = build_task(model)  # RAF with its default weights
+    trainable = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
-    loss_fn = RAFLoss(LossConfig())
     loader, _ = make_train_loader(
         DataConfig(train_shards=str(data / "train"), num_workers=args.loader_workers),
         batch_size=args.batch,
@@ -209,17 +214,15 @@ def train_and_evaluate(
             timed_start = time.perf_counter()
         t0 = time.perf_counter()
         batch = next(batches)
-        image_index = to_device(batch["image_index"], device)
-        masks = to_device(batch["masks"], device)
-        pixels = to_device(batch["pixel_values"], device)
-        ids = to_device(batch["input_ids"], device)
-        attention = to_device(batch["attention_mask"], device)
+        inputs = {
+            k: to_device(batch[k], device)
+            for k in ("pixel_values", "input_ids", "attention_mask", "image_index", "masks")
+        }
         sync()
         t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast(args.precision, device):
-            logits = model(pixels, ids, attention, image_index)
-        loss = loss_fn(logits, masks)["loss"]
+            loss = task(inputs)["loss"]
         sync()
         t2 = time.perf_counter()
         loss.backward()

@@ -6,7 +6,8 @@ Run from the repository root (random weights, nothing is downloaded)::
     python benchmarks/model_step.py --device cuda --batch 32 --steps 50 --bf16 --json
 
 A step is forward + BCE loss + backward + AdamW step over the trainable parameters, with the CLIP frozen in
-every model. Three models are timed side by side in one process, round-robin step by step after a warm-up,
+every model. Our models train through their task (``segvlm.task.build_task(model, "bce")``), CLIPSeg through
+the same criterion (``RAFLoss`` with BCE only) on its logits. Three models are timed side by side in one process, round-robin step by step after a warm-up,
 so that a machine that slows down or speeds up (shared CPUs, GPU clocks) affects all of them alike:
 
 - ``hf_clipseg``: ``transformers.CLIPSegForImageSegmentation``, ViT-B/16 vision + CLIP text, 352 px input,
@@ -36,7 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from a checkout
 
 import torch
-import torch.nn.functional as F
+
+from segvlm.losses import RAFLoss
 
 IMAGE_SIZE = 352
 TEXT_LENGTH = 16  # a typical padded PhraseCut phrase batch; both models get the very same tokens
@@ -69,10 +71,12 @@ def hf_clipseg() -> torch.nn.Module:
 
 
 def ours(name: str) -> torch.nn.Module:
-    """A ``segvlm.registry`` preset built from config (random CLIP weights, frozen as the preset says)."""
+    """The training task (BCE only) of a ``segvlm.registry`` preset built from config (random CLIP weights,
+    frozen as the preset says)."""
     from segvlm.registry import build_model, model_config
+    from segvlm.task import build_task
 
-    return build_model(model_config(name))
+    return build_task(build_model(model_config(name)), "bce")
 
 
 class Runner:
@@ -100,8 +104,7 @@ class Runner:
         start, cpu_start = time.perf_counter(), time.process_time()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast:
-            logits = self.forward(self.model, batch)
-        loss = F.binary_cross_entropy_with_logits(logits.float().reshape_as(batch["target"]), batch["target"])
+            loss = self.forward(self.model, batch)
         loss.backward()
         self.opt.step()
         sync()
@@ -122,13 +125,16 @@ def make_batch(batch_size: int, device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+BCE_ONLY = RAFLoss(bce=1.0, focal=0.0, dice=0.0)
+
+
 def _hf_forward(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(pixel_values=b["pixel_values"], input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    return out.logits  # B×H×W
+    return BCE_ONLY(out.logits, b["target"])["loss"]  # logits B×H×W
 
 
-def _our_forward(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(b["pixel_values"], b["input_ids"], b["attention_mask"])  # B×1×H×W
+def _our_forward(task: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return task({**b, "masks": b["target"][:, None]})["loss"]  # logits B×1×H×W
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,8 @@ import torch
 
 from jobs.config import ExperimentConfig
 from segvlm.config import load_config
-from segvlm.losses import RAFLoss
 from segvlm.registry import build_model, model_config
+from segvlm.task import build_task
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_cfg, loss_cfg = model_config(args.model), ExperimentConfig().loss
     model = build_model(model_cfg).to(args.device).train()
-    loss_fn = RAFLoss(loss_cfg)
+    loss_fn = build_task(model, loss_cfg).criterion  # the mask loss only: the comparison is of the decoder
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     size = model_cfg.backbone.image_size
     ks = [int(k) for k in args.ks.split(",")]
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             feats.text_mask,
             image_size=(size, size),
             stem_features=None if stem is None else stem.index_select(0, index),
-        )
+        ).logits
 
     def step(variant: tuple[int, bool]) -> float:
         k, early = variant

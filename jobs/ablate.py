@@ -18,8 +18,8 @@ then evaluated (``jobs.eval.run_eval``) on the validation shards (``--eval-split
 ``+residual``       decoder.residual=true
 ``+se``             decoder.se=true
 ``+xattn+projector`` decoder.cross_attention=true decoder.projector=true (the paper's SegVLM)
-``+text_kernel``    decoder.text_kernel=true
-``+words``          decoder.word_head=true loss.words=<the config's> (only when the config uses the
+``+text_kernel``    decoder.head=text_kernel
+``+words``          loss.words=<the config's> (the word objective brings its head; only when the config uses the
                     word losses; the demo's model)
 ==================  =====================================================================================
 
@@ -42,7 +42,7 @@ from typing import Any
 from jobs.common import init_ray, to_json
 from jobs.environment import quiet_environment
 
-SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual", "text_kernel")
+SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +65,10 @@ def ladder(loss: Any) -> list[Rung]:
             "CLIPSeg baseline (BCE only, plain decoder)",
             (
                 *(f"model.decoder.{s}=false" for s in SWITCHES),
-                "model.decoder.region_head=false",
-                "model.decoder.word_head=false",
+                "model.decoder.head=convt",
                 "loss.bce=1.0",
                 "loss.focal=0.0",
                 "loss.dice=0.0",
-                "loss.region=0.0",
                 "loss.words=0.0",
             ),
         ),
@@ -93,7 +91,7 @@ def ladder(loss: Any) -> list[Rung]:
             "+text_kernel",
             "text-kernel",
             "the phrase's kernel as the head's last layer",
-            ("model.decoder.text_kernel=true",),
+            ("model.decoder.head=text_kernel",),
         ),
     ]
     if loss.words > 0:
@@ -102,7 +100,7 @@ def ladder(loss: Any) -> list[Rung]:
                 "+words",
                 "words",
                 "word losses: the target region and the phrase name the subject's words",
-                ("model.decoder.word_head=true", f"loss.words={loss.words!r}"),
+                (f"loss.words={loss.words!r}",),
             )
         )
     return rungs

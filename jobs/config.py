@@ -1,8 +1,8 @@
 """The training driver's config: one experiment = model, loss, data, optimiser, training run and tracking.
 
 Each section lives with the code that reads it (``ModelConfig`` in the model library, ``LossConfig`` with the
-losses, ``DataConfig`` with the loaders, ``OptimConfig`` with the optimiser); this module holds the sections
-only the driver reads (the Ray Train run, MLflow tracking) and the ``ExperimentConfig`` that gathers them.
+training task, ``DataConfig`` with the loaders, ``OptimConfig`` with the optimiser); this module holds the
+sections only the driver reads (the Ray Train run, MLflow tracking) and the ``ExperimentConfig`` that gathers them.
 The YAML presets in ``configs/`` are files of this shape.
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 from jobs.optim import OptimConfig
 from pipeline.loader import DataConfig
 from segvlm.config import ConfigError, ModelConfig
-from segvlm.losses import LossConfig
+from segvlm.task import LossConfig
 
 __all__ = ["ExperimentConfig", "TrackingConfig", "TrainConfig"]
 
@@ -95,16 +95,3 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     workdir: str = "runs"  # local folder for the MLflow store, Ray results and reports
-
-    def validate(self) -> None:
-        # a region head without its loss would hold parameters no gradient reaches (DDP refuses those)
-        for loss, head, what in (
-            ("region", "region_head", "region–phrase"),
-            ("words", "word_head", "word"),
-        ):
-            weight, on = getattr(self.loss, loss), getattr(self.model.decoder, head)
-            if (weight > 0) != on:
-                raise ConfigError(
-                    f"loss.{loss}={weight} and model.decoder.{head}={on}: the {what} loss needs the head and "
-                    "the head is only trained by that loss; set both or neither"
-                )

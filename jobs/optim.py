@@ -56,7 +56,8 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            text = optim.text_lr_scale != 1.0 and name.startswith(TEXT_TOWER)
+            # the training task (segvlm.task) holds the model as .model
+            text = optim.text_lr_scale != 1.0 and name.removeprefix("model.").startswith(TEXT_TOWER)
             groups.setdefault((param.ndim > 1, text), []).append(param)
     return torch.optim.AdamW(
         [

@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from segvlm.task import build_task
 
 from jobs import distributed
 from jobs.common import quiet_train_worker
@@ -25,6 +24,7 @@ from pipeline.loader import make_train_loader
 from pipeline.progress import Progress
 from segvlm.config import from_dict
 from segvlm.registry import build_model
+from segvlm.task import build_task
 
 TASK_INPUTS = ("pixel_values", "input_ids", "attention_mask", "image_index", "masks")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from segvlm.task import SegmentationTask
 
 from segvlm.checkpoint import load_weights, save_checkpoint
 from segvlm.config import ModelConfig
 from segvlm.inference import DEFAULT_THRESHOLD
+from segvlm.task import SegmentationTask
 
 TRAIN_STATE = "train_state.pt"
 MODEL_DIR = "model"

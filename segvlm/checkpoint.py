@@ -12,12 +12,17 @@ is kept and its weights are reloaded from it; everything else (decoder, trainabl
 such as a conv stem) is in ``model.safetensors``. A trained backbone, or one without a loadable reference,
 is saved whole. Folders are written under a temporary sibling name and renamed when complete, so a crash
 never leaves a half checkpoint under the final name.
+
+Older checkpoints load too: a config with the decoder switches ``text_kernel`` / ``word_head`` /
+``region_head`` is migrated (``text_kernel: true`` is ``head: text_kernel``; the two training-only heads now
+live in ``segvlm.task``) and their ``decoder.word_head.*`` / ``decoder.region_head.*`` weights are dropped.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import shutil
 import uuid
 import warnings
@@ -26,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from segvlm.atomic import publish_dir
 from segvlm.backbone import CLIPBackbone, load_clip
-from segvlm.config import ConfigError, ModelConfig, load_config, to_yaml
+from segvlm.config import ConfigError, ModelConfig, from_dict, to_yaml
 from segvlm.model import SegVLM
 from segvlm.tokenizer import check_tokenizer
 
@@ -52,6 +58,10 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 BACKBONE_DIR = "backbone"
 _CLIP_PREFIX = "backbone.clip."
+# decoder heads of older checkpoints that only training losses read; inference never needs their weights
+_TRAINING_HEADS = ("word_head", "region_head")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -59,9 +69,11 @@ class CheckpointError(RuntimeError):
 
 
 def _unwrap(model: nn.Module) -> SegVLM:
-    # DDP / FSDP-style wrappers keep the real model in .module
+    # DDP / FSDP-style wrappers keep the real model in .module; a training task (segvlm.task) in .model
     while not isinstance(model, SegVLM) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
+    if not isinstance(model, SegVLM) and isinstance(getattr(model, "model", None), SegVLM):
+        model = model.model
     if not isinstance(model, SegVLM):
         raise TypeError(f"expected a SegVLM (or a wrapper of one), got {type(model).__name__}")
     return model
@@ -182,6 +194,41 @@ def _read_weights(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
 
 
+def _migrate_config(data: dict[str, Any]) -> list[str]:
+    """Rewrite (in place) a model config dict of an older checkpoint to today's keys; the changes made."""
+    decoder = data.get("decoder")
+    if not isinstance(decoder, dict):
+        return []
+    changes = []
+    if "text_kernel" in decoder:
+        if decoder.pop("text_kernel"):
+            decoder["head"] = "text_kernel"
+            changes.append("decoder.text_kernel=true → decoder.head=text_kernel")
+        else:
+            changes.append("dropped decoder.text_kernel=false")
+    for head in _TRAINING_HEADS:
+        if head in decoder:
+            changes.append(f"dropped decoder.{head}={decoder.pop(head)}")
+    return changes
+
+
+def _drop_training_heads(state: dict[str, Tensor]) -> list[str]:
+    """Remove (in place) the weights of the training-only heads of older checkpoints; the keys removed."""
+    prefixes = tuple(f"decoder.{head}." for head in _TRAINING_HEADS)
+    dropped = sorted(k for k in state if k.startswith(prefixes))
+    for key in dropped:
+        del state[key]
+    return dropped
+
+
+def _log_migration(where: str | Path, changes: list[str], dropped: list[str]) -> None:
+    if dropped:
+        heads = sorted({k.split(".")[1] for k in dropped})
+        changes = [*changes, f"dropped {len(dropped)} tensors of training-only heads {', '.join(heads)}"]
+    if changes:
+        log.warning("%s: older checkpoint migrated on load: %s", where, "; ".join(changes))
+
+
 def load_weights(
     model: nn.Module, source: str | Path | Mapping[str, Tensor], *, includes_backbone: bool | None = None
 ) -> None:
@@ -208,6 +255,7 @@ def load_weights(
             includes_backbone = bool(meta.get("includes_backbone", True))
         file = folder / WEIGHTS_FILE
         state, where = _read_weights(file), str(file)
+    _log_migration(where, [], _drop_training_heads(state))
     _load_checked(model, state, includes_backbone=includes_backbone, where=where)
 
 
@@ -290,12 +338,20 @@ def load_checkpoint(
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing")
     try:
-        cfg = load_config(ModelConfig, config_file)
+        data = yaml.safe_load(config_file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_file}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file}: invalid model config (top level must be a mapping)")
+    changes = _migrate_config(data)
+    try:
+        cfg = from_dict(ModelConfig, data)
     except ConfigError as err:
         raise CheckpointError(f"{config_file}: invalid model config ({err})") from err
 
     weights_file = folder / WEIGHTS_FILE
     state = _read_weights(weights_file)  # before building: fail fast on a corrupt file
+    _log_migration(folder, changes, _drop_training_heads(state))
     model = build_model(cfg, backbone=_load_backbone(folder, cfg, meta))
     _load_checked(
         model, state, includes_backbone=bool(meta.get("includes_backbone", True)), where=str(weights_file)

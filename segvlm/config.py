@@ -75,15 +75,11 @@ class DecoderConfig:
     # CLIPSeg's head: conv3x3 → ReLU → ConvT → ReLU → ConvT (CIDAS/clipseg-rd64-refined); False = the
     # single ConvT(D → 1, kernel = stride = patch) of HF's default use_complex_transposed_convolution=False
     complex_transposed_convolution: bool = True
-    # the phrase supplies the kernel and bias of the head's last layer, a 1×1 conv over its 1/4-resolution
-    # features (CRIS's text-to-pixel head), instead of CLIPSeg's last ConvT; the logits are upsampled
-    # bilinearly. Every pixel's score is then a phrase-specific readout, never a phrase-free one.
-    text_kernel: bool = False
-    # dense embeddings of the deepest visual tokens for the region–phrase loss (loss.region); training only
-    region_head: bool = False
-    # the deepest visual tokens and the pooled phrase mapped into the token-embedding space of the text
-    # tower, for the word losses (loss.words); training only
-    word_head: bool = False
+    # the head's last layer, a name in ``segvlm.decoder.HEADS`` (checked when the decoder is built): "convt" = CLIPSeg's transposed-conv head;
+    # "text_kernel" = the phrase supplies the kernel and bias of a 1×1 conv over the head's 1/4-resolution
+    # features (CRIS's text-to-pixel head) in place of CLIPSeg's last ConvT, the logits upsampled bilinearly,
+    # so every pixel's score is a phrase-specific readout, never a phrase-free one
+    head: str = "convt"
     deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"
 
     def validate(self) -> None:
@@ -97,8 +93,8 @@ class DecoderConfig:
             raise ConfigError(
                 f"decoder.cross_attention needs reduce_dim divisible by 4 (2-D sin-cos), got {self.reduce_dim}"
             )
-        for switch in ("stem_skip", "text_kernel"):
-            if getattr(self, switch) and not self.complex_transposed_convolution:
+        for switch, on in (("stem_skip", self.stem_skip), ("head=text_kernel", self.head == "text_kernel")):
+            if on and not self.complex_transposed_convolution:
                 raise ConfigError(
                     f"decoder.{switch} needs complex_transposed_convolution (it works on the 1/4-resolution "
                     "features after the first ConvT)"

@@ -16,22 +16,27 @@ Per extracted layer i, deepest first (CLIPSeg)::
     x = projector(x, phrase)                         [projector] + 0-init 1×1 conv of a similarity map
     x = refine(x, phrase)                            [deformable / se / residual]
     logits = head(x (+ stem))                        [stem_skip] after the first ConvT
-    logits = <head features, kernel(phrase)> + bias  [text_kernel] at 1/4 resolution, then bilinear ×4
+    logits = <head features, kernel(phrase)> + bias  [head="text_kernel"] at 1/4 resolution, then bilinear ×4
+
+``SegDecoder.forward`` returns a :class:`DecoderOutput`: the logits and what the switches computed on the way
+(deformable offsets and modulation, the projector's similarity map). Training-only heads live with their
+objectives (``segvlm.task``), not here.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segvlm.config import DecoderConfig
+from segvlm.config import ConfigError, DecoderConfig
 from segvlm.layers import (
     GatedCrossAttention,
-    RegionPhraseHead,
     ResidualRefinementBlock,
     TextImageProjector,
-    WordHead,
     film,
     get_act_layer,
     get_norm_layer,
@@ -39,7 +44,83 @@ from segvlm.layers import (
     sincos_2d,
 )
 
+__all__ = ["HEADS", "DecoderOutput", "SegDecoder", "register_head"]
+
 LAYER_NORM_EPS = 1e-5  # CLIP's; CLIPSeg's decoder layers inherit it from the vision config
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderOutput:
+    """What :meth:`SegDecoder.forward` computes, one row per phrase (B); h×w is the token grid.
+
+    Attributes:
+        logits: B×1×H×W mask logits (apply a sigmoid for probabilities).
+        offsets: B×18×h×w offsets (Δy, Δx per 3×3 tap) of the deformable conv, with grad; None without it.
+        modulation: B×9×h×w modulation masks in (0, 1) of the deformable conv; None without it.
+        similarity: B×1×h×w scaled phrase–location cosine similarity of the projector; None without it.
+    """
+
+    logits: Tensor
+    offsets: Tensor | None = None
+    modulation: Tensor | None = None
+    similarity: Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------ heads
+# A head builder returns the modules the head adds to the decoder, keyed by attribute name: the names are
+# the state-dict prefixes, so CLIPSeg's ``transposed_convolution.*`` load 1:1 whatever the head.
+HeadBuilder = Callable[..., dict[str, nn.Module]]
+HEADS: dict[str, HeadBuilder] = {}
+
+
+def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
+    """Decorator adding a head builder ``(cfg, *, dim, patch_size, cond_dim) -> {attribute: module}`` to
+    :data:`HEADS` under ``name`` (the value of ``DecoderConfig.head``)."""
+
+    def wrap(fn: HeadBuilder) -> HeadBuilder:
+        if name in HEADS:
+            raise ValueError(f"decoder head {name!r} is already registered")
+        HEADS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _upsampler(cfg: DecoderConfig, dim: int, patch_size: int, *, last: bool) -> nn.Module:
+    """CLIPSeg's ``transposed_convolution``: B×D×h×w → B×1×(h·patch)×(w·patch); without its ``last`` ConvT
+    it ends at B×D/2×(h·patch/4)×(w·patch/4) (ReLU'd features, for the text kernel)."""
+    if not cfg.complex_transposed_convolution:
+        return nn.ConvTranspose2d(dim, 1, kernel_size=patch_size, stride=patch_size)
+    if patch_size % 4:
+        raise ValueError(f"the complex transposed convolution needs patch_size % 4 == 0, got {patch_size}")
+    # CLIPSeg uses (patch/4, patch/4), i.e. (4, 4) at patch 16; (patch/4, 4) equals that there and keeps the
+    # total at ×patch and the middle at 1/4 resolution (where stem features join) for any patch
+    k1, k2 = patch_size // 4, 4
+    layers: list[nn.Module] = [
+        nn.Conv2d(dim, dim, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(dim, dim // 2, kernel_size=k1, stride=k1),
+        nn.ReLU(),
+    ]
+    if last:
+        layers.append(nn.ConvTranspose2d(dim // 2, 1, kernel_size=k2, stride=k2))
+    return nn.Sequential(*layers)
+
+
+@register_head("convt")
+def convt_head(cfg: DecoderConfig, *, dim: int, patch_size: int, cond_dim: int) -> dict[str, nn.Module]:
+    """CLIPSeg's head: conv3×3 → ReLU → ConvT → ReLU → ConvT (or one ConvT without the complex head)."""
+    return {"transposed_convolution": _upsampler(cfg, dim, patch_size, last=True)}
+
+
+@register_head("text_kernel")
+def text_kernel_head(cfg: DecoderConfig, *, dim: int, patch_size: int, cond_dim: int) -> dict[str, nn.Module]:
+    """CLIPSeg's head up to its last ConvT, then a 1×1 conv whose kernel (D/2) and bias (1) are a linear map
+    of the phrase (``text_kernel``: B×cond_dim → B×(D/2 + 1))."""
+    return {
+        "transposed_convolution": _upsampler(cfg, dim, patch_size, last=False),
+        "text_kernel": nn.Linear(cond_dim, dim // 2 + 1),
+    }
 
 
 class DecoderAttention(nn.Module):
@@ -110,10 +191,8 @@ class SegDecoder(nn.Module):
         cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
         (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
-        ``stem_proj``; text_kernel → ``text_kernel`` in place of ``transposed_convolution.4`` (the one
-        switch that removes a CLIPSeg parameter: the last ConvT); region_head → ``region_head`` (read by
-        the region–phrase loss only, through ``return_aux``); word_head → ``word_head`` (read by the
-        word losses only, likewise).
+        ``stem_proj``; ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4`` (the
+        one choice that removes a CLIPSeg parameter: the last ConvT).
     """
 
     def __init__(
@@ -145,25 +224,15 @@ class SegDecoder(nn.Module):
             DecoderLayer(d, num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size)
             for _ in range(num_layers)
         )
-        if cfg.complex_transposed_convolution:
-            if patch_size % 4:
-                raise ValueError(
-                    f"the complex transposed convolution needs patch_size % 4 == 0, got {patch_size}"
-                )
-            # CLIPSeg uses (patch/4, patch/4), i.e. (4, 4) at patch 16; (patch/4, 4) equals that there and
-            # keeps the total at ×patch and the middle at 1/4 resolution (where stem features join) for any patch
-            k1, k2 = patch_size // 4, 4
-            head: list[nn.Module] = [
-                nn.Conv2d(d, d, kernel_size=3, padding=1),
-                nn.ReLU(),
-                nn.ConvTranspose2d(d, d // 2, kernel_size=k1, stride=k1),
-                nn.ReLU(),
-            ]
-            if not cfg.text_kernel:  # the text kernel replaces the last ConvT
-                head.append(nn.ConvTranspose2d(d // 2, 1, kernel_size=k2, stride=k2))
-            self.transposed_convolution: nn.Module = nn.Sequential(*head)
-        else:
-            self.transposed_convolution = nn.ConvTranspose2d(d, 1, kernel_size=patch_size, stride=patch_size)
+        # ---- the head (a registered builder; its modules become attributes, so their names are CLIPSeg's)
+        if cfg.head not in HEADS:
+            raise ConfigError(f"decoder.head must be one of {sorted(HEADS)}, got {cfg.head!r}")
+        self.text_kernel: nn.Linear | None = None
+        head_modules = HEADS[cfg.head](
+            cfg, dim=d, patch_size=patch_size, cond_dim=d if cfg.projector else projection_dim
+        )
+        for name, module in head_modules.items():
+            setattr(self, name, module)
 
         # ---- SegVLM additions, each identity at init
         self.projector = (
@@ -194,16 +263,6 @@ class SegDecoder(nn.Module):
             if cfg.deformable or cfg.se or cfg.residual
             else None
         )
-        self.region_head = (
-            RegionPhraseHead(vision_width, embed_dim=projection_dim) if cfg.region_head else None
-        )
-        self.word_head = (
-            WordHead(vision_width, phrase_dim=projection_dim, word_dim=text_width) if cfg.word_head else None
-        )
-        # phrase → kernel (D/2) and bias (1) of the head's last layer
-        self.text_kernel = (
-            nn.Linear(d if cfg.projector else projection_dim, d // 2 + 1) if cfg.text_kernel else None
-        )
         self.stem_proj = None
         if cfg.stem_skip:
             if not stem_channels:
@@ -221,10 +280,8 @@ class SegDecoder(nn.Module):
         image_size: tuple[int, int],
         stem_features: Tensor | None = None,
         image_index: Tensor | None = None,
-        *,
-        return_aux: bool = False,
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Segmentation logits, one map per phrase.
+    ) -> DecoderOutput:
+        """Segmentation logits, one map per phrase, with the switches' intermediate maps.
 
         Args:
             activations: ``num_layers`` tensors N×(1+h·w)×vision_width, shallow → deep, CLS first: one row
@@ -235,17 +292,12 @@ class SegDecoder(nn.Module):
             image_size: (H, W) of the input pixels; the token grid is (H/patch, W/patch).
             stem_features: N×stem_channels×H/4×W/4 (``cfg.stem_skip`` only).
             image_index: B int64, phrase b's image row; None pairs phrase b with row b. The per-token
-                linear maps of the image features (``reduces``, ``stem_proj``, the region head) run once
-                per image, before the rows are gathered per phrase.
-            return_aux: also return a dict with ``offsets`` (B×18×h×w) and ``modulation`` (B×9×h×w) of the
-                deformable conv, ``similarity`` (B×1×h×w) of the projector, and with the region head
-                ``region_embedding`` (B×P×h×w, deepest tokens), ``phrase_embedding`` (B×P, ``cond``),
-                ``region_logit_scale`` and ``region_logit_bias`` (scalars), and with the word head
-                ``word_embedding`` (B×text_width×h×w, deepest tokens) and ``phrase_word_embedding``
-                (B×text_width, from ``cond``), when those are on.
+                linear maps of the image features (``reduces``, ``stem_proj``) run once per image, before
+                the rows are gathered per phrase.
 
         Returns:
-            logits B×1×H×W, or ``(logits, aux)``.
+            :class:`DecoderOutput`: logits B×1×H×W, and ``offsets`` / ``modulation`` (deformable) and
+            ``similarity`` (projector) when those are on.
         """
         if len(activations) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} activations, got {len(activations)}")
@@ -257,8 +309,6 @@ class SegDecoder(nn.Module):
                 f"activations hold {activations[0].shape[1]} tokens; image {H}x{W} at patch {self.patch_size} "
                 f"needs 1 + {h}x{w}"
             )
-        aux: dict[str, Tensor] = {}
-
         phrase = cond  # conditioning vector of the refinement block
         text = None  # B×L×D keys / values of the cross-attention
         if self.projector is not None:
@@ -276,15 +326,6 @@ class SegDecoder(nn.Module):
         def per_phrase(x: Tensor) -> Tensor:  # N×… image rows → B×… phrase rows
             return x if image_index is None else x.index_select(0, image_index)
 
-        if return_aux and self.region_head is not None:
-            aux["region_embedding"] = per_phrase(self.region_head(activations[-1], (h, w)))
-            aux["phrase_embedding"] = cond
-            aux["region_logit_scale"] = self.region_head.logit_scale
-            aux["region_logit_bias"] = self.region_head.logit_bias
-        if return_aux and self.word_head is not None:
-            aux["word_embedding"] = per_phrase(self.word_head.region_map(activations[-1], (h, w)))
-            aux["phrase_word_embedding"] = self.word_head.phrase(cond)
-
         a = None
         for i, (activation, layer, reduce) in enumerate(zip(activations[::-1], self.layers, self.reduces)):
             reduced = per_phrase(reduce(activation))  # B×(1+h·w)×D
@@ -296,10 +337,11 @@ class SegDecoder(nn.Module):
                 a = self.cross_attn[i](a, text, text_mask, pos, text_pos)
 
         x = a[:, 1:, :].transpose(1, 2).reshape(b, -1, h, w)  # B×D×h×w, row-major tokens
+        similarity = offsets = modulation = None
         if self.projector is not None:
-            x, aux["similarity"] = self.projector(x, phrase)
+            x, similarity = self.projector(x, phrase)
         if self.refine is not None:
-            x = self.refine(x, phrase, aux)
+            x, offsets, modulation = self.refine(x, phrase)
         skip = None
         if self.stem_proj is not None:
             if stem_features is None:
@@ -308,7 +350,7 @@ class SegDecoder(nn.Module):
         logits = self._head(x, skip, phrase)
         if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-        return (logits, aux) if return_aux else logits
+        return DecoderOutput(logits, offsets=offsets, modulation=modulation, similarity=similarity)
 
     def _head(self, x: Tensor, skip: Tensor | None, phrase: Tensor) -> Tensor:
         """B×D×h×w → B×1×(h·patch)×(w·patch) logits, or B×1×(h·patch/4)×(w·patch/4) with the text kernel.

@@ -1,7 +1,8 @@
 """The RAF (Referring-Aware Fusion) loss: ``λ_bce·BCE + λ_focal·Focal(α, γ) + λ_dice·AdaptiveDice(a, s)``.
 
 Like open_clip's losses, :class:`RAFLoss` returns a dict of named scalars (``loss`` plus every term on its own)
-so that the training loop can log each term without knowing the formula.
+so that the caller can log each term without knowing the formula. The weights come from ``segvlm.task.LossConfig``,
+read by the training task (``segvlm.task.build_task``) only.
 
 Layouts: ``logits`` and ``targets`` are B×1×H×W (what the decoder emits) or B×H×W; every term flattens them
 to B×N (N = H·W) before reducing.
@@ -9,58 +10,19 @@ to B×N (N = H·W) before reducing.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segvlm.config import ConfigError
-
 __all__ = [
-    "LOSS_PRESETS",
-    "LossConfig",
     "RAFLoss",
     "adaptive_dice_loss",
     "bce_loss",
-    "build_loss",
     "content_token_mask",
-    "region_phrase_loss",
     "region_word_loss",
     "sigmoid_focal_loss",
     "word_prediction_loss",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """RAF loss: ``bce·BCE + focal·Focal(alpha, gamma) + dice·AdaptiveDice(dice_alpha, dice_smooth)``."""
-
-    bce: float = 1.0
-    focal: float = 1.0
-    dice: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    dice_alpha: float = 1.0  # exponent a of the self-adjusting factor (1 - p)^a
-    dice_smooth: float = 1.0
-    # weight of the region–phrase alignment term (segvlm.losses.region_phrase_loss; needs
-    # model.decoder.region_head); not part of RAF, logged as its own term
-    region: float = 0.0
-    # weight of the two word terms (needs model.decoder.word_head): the target region (region_word_loss)
-    # and the phrase (word_prediction_loss) each name the words of the phrase's subject, its attributes and
-    # name, among the text tower's token embeddings; logged as words_region and words_phrase
-    words: float = 0.0
-
-    def validate(self) -> None:
-        if self.region < 0:
-            raise ConfigError(f"loss.region must be >= 0, got {self.region}")
-        if self.words < 0:
-            raise ConfigError(f"loss.words must be >= 0, got {self.words}")
-        weights = (self.bce, self.focal, self.dice)
-        if min(weights) < 0 or sum(weights) == 0:
-            raise ConfigError(f"loss weights must be >= 0 and not all zero, got {weights}")
-        if not 0 <= self.focal_alpha <= 1:
-            raise ConfigError(f"loss.focal_alpha must lie in [0, 1], got {self.focal_alpha}")
 
 
 def _flatten(x: Tensor, batch: int) -> Tensor:
@@ -156,22 +118,39 @@ class RAFLoss(nn.Module):
 
     terms = ("bce", "focal", "dice")
 
-    def __init__(self, cfg: LossConfig | None = None, *, report_disabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        bce: float = 1.0,
+        focal: float = 1.0,
+        dice: float = 1.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        dice_alpha: float = 1.0,
+        dice_smooth: float = 1.0,
+        report_disabled: bool = True,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg if cfg is not None else LossConfig()
+        if min(bce, focal, dice) < 0 or bce + focal + dice == 0:
+            raise ValueError(f"RAF weights must be >= 0 and not all zero, got {(bce, focal, dice)}")
+        self.weights = {"bce": float(bce), "focal": float(focal), "dice": float(dice)}
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.dice_alpha, self.dice_smooth = dice_alpha, dice_smooth
         self.report_disabled = report_disabled
 
-    @property
-    def weights(self) -> dict[str, float]:
-        return {"bce": self.cfg.bce, "focal": self.cfg.focal, "dice": self.cfg.dice}
-
     def _term(self, name: str, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
-        cfg = self.cfg
         if name == "bce":
             return bce_loss(logits, targets, weight)
         if name == "focal":
-            return sigmoid_focal_loss(logits, targets, cfg.focal_alpha, cfg.focal_gamma, weight)
-        return adaptive_dice_loss(logits, targets, cfg.dice_alpha, cfg.dice_smooth, weight)
+            return sigmoid_focal_loss(logits, targets, self.focal_alpha, self.focal_gamma, weight)
+        return adaptive_dice_loss(logits, targets, self.dice_alpha, self.dice_smooth, weight)
+
+    def extra_repr(self) -> str:
+        w = self.weights
+        return (
+            f"bce={w['bce']}, focal={w['focal']}, dice={w['dice']}, focal_alpha={self.focal_alpha}, "
+            f"focal_gamma={self.focal_gamma}, dice_alpha={self.dice_alpha}, dice_smooth={self.dice_smooth}"
+        )
 
     def forward(
         self, logits: Tensor, targets: Tensor, weight_mask: Tensor | None = None
@@ -204,45 +183,6 @@ class RAFLoss(nn.Module):
                     value = x.new_zeros(())
                 out[name] = value
         return {"loss": total, **out}
-
-
-def region_phrase_loss(
-    region_embedding: Tensor,
-    phrase_embedding: Tensor,
-    targets: Tensor,
-    image_index: Tensor,
-    logit_scale: Tensor,
-    logit_bias: Tensor,
-) -> Tensor:
-    """Sigmoid region–phrase alignment among the phrases of each image (SigLIP's loss, per image, on regions).
-
-    Args:
-        region_embedding: B×P×h×w dense embeddings (``RegionPhraseHead``), one map per task.
-        phrase_embedding: B×P phrase embeddings.
-        targets: B×1×H×W (or B×H×W) target masks in {0, 1}.
-        image_index: B; tasks with equal values show the same image.
-        logit_scale, logit_bias: scalars; ``logit = exp(logit_scale)·cos(region, phrase) + logit_bias``.
-
-    Task i's region ``r_i`` is the mean of its embedding map weighted by its target averaged down to h×w. For
-    every task i with a non-empty target and every task j of the same image (i included), the label is 1
-    when j's target is i's (the same pooled mask: "the star" and "the star left of the circle") and 0
-    otherwise. Returns ``Σ BCE(logit_ij, label_ij) / (number of such i)``, 0 (in the graph) when no task has
-    a target.
-    """
-    b, _, h, w = region_embedding.shape
-    with torch.autocast(device_type=region_embedding.device.type, enabled=False):
-        weight = F.adaptive_avg_pool2d(targets.reshape(b, 1, *targets.shape[-2:]).float(), (h, w)).flatten(1)
-        has_target = weight.sum(1) > 0  # B
-        # B×P: mask-weighted mean of the map
-        region = torch.einsum("bpn,bn->bp", region_embedding.float().flatten(2), weight)
-        region = region / weight.sum(1, keepdim=True).clamp_min(1e-12)
-        region = F.normalize(region[has_target], dim=-1)  # R×P
-        phrase = F.normalize(phrase_embedding.float(), dim=-1)  # B×P
-        logits = logit_scale.float().exp() * region @ phrase.T + logit_bias.float()  # R×B
-        same_image = image_index[has_target][:, None] == image_index[None, :]
-        same_target = (weight[has_target][:, None, :] - weight[None, :, :]).abs().sum(-1) < 1e-6
-        bce = F.binary_cross_entropy_with_logits(logits, same_target.float(), reduction="none")
-        return (bce * same_image).sum() / has_target.sum().clamp_min(1)
 
 
 def content_token_mask(attention_mask: Tensor) -> Tensor:
@@ -308,28 +248,3 @@ def region_word_loss(
         region = torch.einsum("bcn,bn->bc", word_embedding.float().flatten(2), weight)
         region = region / area.clamp_min(1e-12)[:, None]  # B×C
     return word_prediction_loss(region, vocabulary, word_ids, word_mask, valid=area > 0)
-
-
-# CLIPSeg's baseline is BCE only; "raf" is the SegVLM default. Presets are plain LossConfigs.
-LOSS_PRESETS: dict[str, LossConfig] = {
-    "raf": LossConfig(),
-    "bce": LossConfig(bce=1.0, focal=0.0, dice=0.0),
-    "bce_dice": LossConfig(bce=1.0, focal=0.0, dice=1.0),
-}
-
-
-def build_loss(cfg: LossConfig | str | None = None, **overrides: float) -> RAFLoss:
-    """A :class:`RAFLoss` from a config, a preset name in :data:`LOSS_PRESETS`, or the defaults (None).
-
-    ``overrides`` replace config fields (``build_loss("bce", dice=0.5)``); the result is validated.
-    """
-    if cfg is None:
-        cfg = LossConfig()
-    elif isinstance(cfg, str):
-        if cfg not in LOSS_PRESETS:
-            raise KeyError(f"unknown loss preset {cfg!r}; known: {sorted(LOSS_PRESETS)}")
-        cfg = LOSS_PRESETS[cfg]
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    cfg.validate()
-    return RAFLoss(cfg)

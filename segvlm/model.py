@@ -1,17 +1,34 @@
 """SegVLM: a CLIP backbone and a segmentation decoder, assembled from finished parts.
 
 Built segment-anything style (``SegVLM(backbone, decoder)``); ``segvlm.registry.build_model(cfg)`` builds
-both parts from a ``ModelConfig``. ``forward`` returns mask logits, never a loss.
+both parts from a ``ModelConfig``. ``forward`` returns mask logits, never a loss; ``forward_features`` also
+returns the backbone's and the decoder's outputs, what training objectives (``segvlm.task``) read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor, nn
 
-from segvlm.backbone import CLIPBackbone
-from segvlm.decoder import SegDecoder
+from segvlm.backbone import BackboneOutput, CLIPBackbone
+from segvlm.decoder import DecoderOutput, SegDecoder
 
-__all__ = ["SegVLM", "count_parameters"]
+__all__ = ["SegVLM", "SegVLMOutput", "count_parameters"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegVLMOutput:
+    """:meth:`SegVLM.forward_features`: the backbone's features (image rows N, phrase rows B, paired by
+    ``backbone.image_index``) and the decoder's output (phrase rows B)."""
+
+    backbone: BackboneOutput
+    decoder: DecoderOutput
+
+    @property
+    def logits(self) -> Tensor:
+        """B×1×H×W mask logits."""
+        return self.decoder.logits
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
@@ -42,9 +59,7 @@ class SegVLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         image_index: Tensor | None = None,
-        *,
-        return_aux: bool = False,
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    ) -> Tensor:
         """Mask logits for each (image, phrase) pair.
 
         Args:
@@ -53,13 +68,22 @@ class SegVLM(nn.Module):
             attention_mask: B×L, 1 for real tokens, 0 for padding.
             image_index: B int64, phrase b's image is ``pixel_values[image_index[b]]``, so an image with
                 several phrases is encoded once; None pairs phrase b with image b (N = B).
-            return_aux: also return the decoder's auxiliary tensors (``SegDecoder.forward``), e.g. what the
-                region–phrase loss reads, and with the decoder's word head ``vocabulary``: the text tower's
-                V×text_width token embeddings, what the word losses score against.
 
         Returns:
-            B×1×H×W logits (apply a sigmoid for probabilities), or ``(logits, aux)``.
+            B×1×H×W logits (apply a sigmoid for probabilities).
         """
+        return self.forward_features(pixel_values, input_ids, attention_mask, image_index).logits
+
+    def forward_features(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: Tensor | None = None,
+    ) -> SegVLMOutput:
+        """:meth:`forward` (same arguments), returning the backbone's output (``activations``: N×(1+h·w)×Cv
+        per extracted layer, shallow → deep; ``text_embedding``: B×P pooled phrase; ...) and the decoder's
+        (:class:`~segvlm.decoder.DecoderOutput`: B×1×H×W ``logits`` and the switches' maps) with them."""
         feats = self.backbone(pixel_values, input_ids, attention_mask, image_index=image_index)
         out = self.decoder(
             feats.activations,
@@ -69,11 +93,8 @@ class SegVLM(nn.Module):
             image_size=(pixel_values.shape[-2], pixel_values.shape[-1]),
             stem_features=feats.stem_features,
             image_index=feats.image_index,
-            return_aux=return_aux,
         )
-        if return_aux and self.decoder.word_head is not None:
-            out[1]["vocabulary"] = self.backbone.token_embedding
-        return out
+        return SegVLMOutput(backbone=feats, decoder=out)
 
     def num_parameters(self) -> dict:
         """Total and trainable parameter counts, overall and per module.

@@ -45,17 +45,17 @@ def test_ladder_pure_helpers():
 
     bce, raf, full = cfg(0), cfg(1), cfg(len(rungs) - 1)
     assert (bce.loss.bce, bce.loss.focal, bce.loss.dice) == (1.0, 0.0, 0.0)
-    assert not any(
-        getattr(bce.model.decoder, s)
-        for s in ("deformable", "residual", "se", "cross_attention", "text_kernel", "word_head")
-    )
-    assert bce.loss.words == 0.0 and bce.loss.region == 0.0
+    assert not any(getattr(bce.model.decoder, s) for s in ("deformable", "residual", "se", "cross_attention"))
+    assert bce.model.decoder.head == "convt" and bce.loss.words == 0.0
     assert (raf.loss.bce, raf.loss.focal, raf.loss.dice) == (1.0, 2.0, 1.0)
     assert raf.model.decoder == bce.model.decoder
     assert all(
         getattr(full.model.decoder, s)
-        for s in ("deformable", "residual", "se", "cross_attention", "projector", "text_kernel", "word_head")
+        for s in ("deformable", "residual", "se", "cross_attention", "projector")
     )
+    assert full.model.decoder.head == "text_kernel" and full.loss.words > 0
+    # +words changes the loss only: the word head belongs to the training task, not the model
+    assert cfg(len(rungs) - 2).model == full.model
     assert full.model.decoder == base.model.decoder and full.loss == base.loss
 
     table = markdown_table(
@@ -65,8 +65,13 @@ def test_ladder_pure_helpers():
 
     # each rung adds exactly what its switch adds: the loss rung nothing, every module rung something
     from segvlm.registry import build_model
+    from segvlm.task import build_task
 
-    trainable = [build_model(cfg(i).model).num_parameters()["trainable"] for i in range(len(rungs))]
+    def trainable_count(i: int) -> int:
+        task = build_task(build_model(cfg(i).model), cfg(i).loss)
+        return sum(p.numel() for p in task.parameters() if p.requires_grad)
+
+    trainable = [trainable_count(i) for i in range(len(rungs))]
     assert trainable[0] == trainable[1], "the RAF loss adds no parameters"
     for i in range(2, len(rungs)):
         assert trainable[i] > trainable[i - 1], f"{rungs[i].name} should add trainable parameters"

@@ -270,3 +270,49 @@ def test_params_does_not_download_hub_references(capsys, tmp_path):
             )
         ).num_parameters()["modules"]["backbone"]
     )
+
+
+# ------------------------------------------------------------------------------------------- migration
+def test_older_checkpoint_with_training_heads_loads_migrated(tmp_path, caplog):
+    """A checkpoint written before the word head moved into the training task: its config has the decoder
+    switches text_kernel / word_head / region_head, its weights the heads' tensors. It loads for inference,
+    the text kernel kept as ``head: text_kernel``, the heads' tensors dropped with one log line."""
+    torch.manual_seed(0)
+    cfg = model_config("segvlm_tiny", ["decoder.intermediate_size=64", "decoder.head=text_kernel"])
+    model = build_model(cfg)
+    perturb(model)
+    path = save_checkpoint(model, cfg, tmp_path / "old")
+    config_text = (path / "config.yaml").read_text()
+    assert "  head: text_kernel\n" in config_text
+    (path / "config.yaml").write_text(
+        config_text.replace(
+            "  head: text_kernel\n", "  text_kernel: true\n  region_head: false\n  word_head: true\n"
+        )
+    )
+    state = load_file(str(path / "model.safetensors"))
+    heads = {
+        "decoder.word_head.region.weight": torch.randn(128, 128),
+        "decoder.word_head.region.bias": torch.randn(128),
+        "decoder.word_head.phrase.weight": torch.randn(128, 128),
+        "decoder.word_head.phrase.bias": torch.randn(128),
+    }
+    save_file({**state, **heads}, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    with caplog.at_level("INFO", logger="segvlm.checkpoint"):
+        loaded, loaded_cfg, _ = load_checkpoint(path)
+    assert loaded_cfg == cfg and loaded_cfg.decoder.head == "text_kernel"
+    torch.testing.assert_close(logits_of(loaded), logits_of(model))
+    lines = [r.getMessage() for r in caplog.records if r.name == "segvlm.checkpoint"]
+    assert len(lines) == 1, lines
+    assert "text_kernel=true → decoder.head=text_kernel" in lines[0]
+    assert "dropped 4 tensors of training-only heads word_head" in lines[0]
+
+    # resuming from such a folder (load_weights) drops the same tensors
+    fresh = build_model(cfg)
+    load_weights(fresh, path)
+    torch.testing.assert_close(logits_of(fresh), logits_of(model))
+
+    # text_kernel: false is CLIPSeg's head
+    (path / "config.yaml").write_text(config_text.replace("  head: text_kernel\n", "  text_kernel: false\n"))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: decoder\.text_kernel"):
+        load_checkpoint(path)  # the weights are the text kernel's: they do not fit CLIPSeg's head

@@ -91,7 +91,7 @@ def test_all_off_loads_clipseg_strictly_and_matches(clipseg_run):
     assert set(dec.state_dict()) == set(decoder_state(model))
     dec.load_state_dict(decoder_state(model), strict=True)
     with torch.no_grad():
-        logits = dec(**inputs)
+        logits = dec(**inputs).logits
     assert logits.shape == (2, 1, 64, 64)
     assert ref.shape == (2, 64, 64)
     assert (logits[:, 0] - ref).abs().max().item() <= 1e-5
@@ -107,10 +107,11 @@ def test_all_on_equals_clipseg_at_init(clipseg_run):
     assert missing and all(k.startswith(new_prefixes) for k in missing)
     stem = torch.randn(2, STEM_CHANNELS, 16, 16)
     with torch.no_grad():
-        logits, aux = dec(**inputs, stem_features=stem, return_aux=True)
-    assert (logits[:, 0] - ref).abs().max().item() <= 1e-5
-    assert aux["offsets"].shape == (2, 18, 4, 4) and aux["similarity"].shape == (2, 1, 4, 4)
-    assert torch.count_nonzero(aux["offsets"]) == 0
+        out = dec(**inputs, stem_features=stem)
+    assert (out.logits[:, 0] - ref).abs().max().item() <= 1e-5
+    assert out.offsets.shape == (2, 18, 4, 4) and out.similarity.shape == (2, 1, 4, 4)
+    assert out.modulation.shape == (2, 9, 4, 4)
+    assert torch.count_nonzero(out.offsets) == 0
 
 
 def test_all_on_gets_gradients_where_it_should(clipseg_run):
@@ -118,7 +119,7 @@ def test_all_on_gets_gradients_where_it_should(clipseg_run):
     model, inputs, _ = clipseg_run
     dec = build(model, **ALL_ON)
     dec.load_state_dict(decoder_state(model), strict=False)
-    dec(**inputs, stem_features=torch.randn(2, STEM_CHANNELS, 16, 16)).square().mean().backward()
+    dec(**inputs, stem_features=torch.randn(2, STEM_CHANNELS, 16, 16)).logits.square().mean().backward()
     grads = {n: p.grad for n, p in dec.named_parameters()}
     for name in (
         "cross_attn.0.gate",
@@ -139,7 +140,7 @@ def test_non_complex_head_matches_clipseg():
     cond = torch.randn(2, 32, generator=g)
     with torch.no_grad():
         ref = model.decoder(acts, cond).logits
-        ours = dec(acts, cond, torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool), (64, 64))
+        ours = dec(acts, cond, torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.bool), (64, 64)).logits
     assert (ours[:, 0] - ref).abs().max().item() <= 1e-5
 
 
@@ -186,18 +187,17 @@ def test_output_shapes(size, grid):
     b = 2
     acts = [torch.randn(b, 1 + h * w, 24) for _ in range(2)]
     with torch.no_grad():
-        logits, aux = dec(
+        out = dec(
             acts,
             torch.randn(b, 12),
             torch.randn(b, 6, 20),
             torch.ones(b, 6, dtype=torch.bool),
             (H, W),
             torch.randn(b, 4, H // 4, W // 4),
-            return_aux=True,
         )
-    assert logits.shape == (b, 1, H, W)
-    assert aux["offsets"].shape == (b, 18, h, w)
-    assert torch.isfinite(logits).all()
+    assert out.logits.shape == (b, 1, H, W)
+    assert out.offsets.shape == (b, 18, h, w)
+    assert torch.isfinite(out.logits).all()
 
 
 def test_two_phrases_give_different_offsets():
@@ -215,11 +215,9 @@ def test_two_phrases_give_different_offsets():
             p.normal_(0, 0.1)  # as after some training
     acts = [torch.randn(1, 17, 24).expand(2, -1, -1) for _ in range(2)]  # same image twice
     with torch.no_grad():
-        _, aux = dec(
-            acts, torch.randn(2, 12), torch.randn(2, 3, 20), torch.ones(2, 3, dtype=torch.bool), (64, 64),
-            return_aux=True,
-        )  # fmt: skip
-    off = aux["offsets"]
+        off = dec(
+            acts, torch.randn(2, 12), torch.randn(2, 3, 20), torch.ones(2, 3, dtype=torch.bool), (64, 64)
+        ).offsets
     assert (off[0] - off[1]).abs().max() > 1e-3
 
 

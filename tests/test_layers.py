@@ -111,10 +111,10 @@ def test_language_conditioned_deform_conv_at_init_is_half_a_regular_conv():
     torch.manual_seed(0)
     layer = LanguageConditionedDeformConv2d(6, 5, cond_dim=4)
     x, cond = torch.randn(3, 6, 8, 8), torch.randn(3, 4)
-    aux: dict[str, torch.Tensor] = {}
-    out = layer(x, cond, aux)
-    assert torch.count_nonzero(aux["offsets"]) == 0 and torch.count_nonzero(layer.last_offset) == 0
-    assert torch.all(aux["modulation"] == 0.5)
+    out, offsets, modulation = layer(x, cond)
+    assert offsets.shape == (3, 18, 8, 8) and modulation.shape == (3, 9, 8, 8)
+    assert torch.count_nonzero(offsets) == 0 and torch.count_nonzero(layer.last_offset) == 0
+    assert torch.all(modulation == 0.5)
     expected = 0.5 * F.conv2d(x, layer.weight, None, padding=1) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(out, expected)
 
@@ -145,8 +145,12 @@ def test_residual_refinement_is_identity_at_init(deformable, se):
         norm_layer=lambda c: create_norm("group", c),
     )
     x = torch.randn(2, 8, 5, 5)
-    out = block(x, torch.randn(2, 4))
+    out, offsets, modulation = block(x, torch.randn(2, 4))
     assert torch.equal(out, x)
+    # the deformable conv's maps come back with the output, None without it
+    assert (offsets is None, modulation is None) == (not deformable, not deformable)
+    if deformable:
+        assert offsets.shape == (2, 18, 5, 5) and torch.all(modulation == 0.5)
     out.sum().backward()
     assert block.layer_scale.gamma.grad.abs().sum() > 0  # the branch can open
 
@@ -155,7 +159,9 @@ def test_refinement_without_residual_is_the_branch():
     block = ResidualRefinementBlock(8, cond_dim=4, deformable=False, se=True, residual=False)
     assert block.conv is None and block.layer_scale is None
     x = torch.randn(2, 8, 3, 3)
-    torch.testing.assert_close(block(x), block.se(x))
+    out, offsets, modulation = block(x)
+    torch.testing.assert_close(out, block.se(x))
+    assert offsets is None and modulation is None
     with pytest.raises(ValueError, match="does nothing"):
         ResidualRefinementBlock(8, cond_dim=4, deformable=False, se=False, residual=False)
 

@@ -91,37 +91,40 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_shared_images_match_repeated_images():
-    """Phrases that share an image through ``image_index`` get the logits, auxiliary maps and gradients of
-    the same images repeated once per phrase (the decoder runs its per-token image maps once per image and
-    gathers after); a mismatched index is refused."""
-    from segvlm.losses import region_word_loss, word_prediction_loss
+    """Phrases that share an image through ``image_index`` get the logits, decoder maps, loss terms (the word
+    objective's included) and gradients of the same images repeated once per phrase (the decoder and the word
+    head run their per-token image maps once per image and gather after); a mismatched index is refused."""
+    from segvlm.task import LossConfig, build_task
 
     torch.manual_seed(0)
-    heads = ["decoder.region_head=true", "decoder.word_head=true"]
-    model = build_model(model_config("segvlm_tiny", heads)).train()
-    perturb_zero_init(model)
+    model = build_model(model_config("segvlm_tiny", ["decoder.head=text_kernel"])).train()
+    task = build_task(model, LossConfig(words=0.3))
+    perturb_zero_init(task)
     phrases = ["the red circle", "two green stars", "the square", "the blue shapes", "a star"]
     images = torch.randn(2, 3, 128, 128)
     index = torch.tensor([1, 0, 1, 1, 0])
     tokens = model.backbone.tokenize(phrases)
-    target = torch.rand(5, 1, 128, 128).round()
-    word_ids = tokens["input_ids"][:, 1:3]
-    all_words = torch.ones_like(word_ids).bool()
+    common = {
+        **tokens,
+        "masks": torch.rand(5, 1, 128, 128).round(),
+        "target_words": ["red circle", "stars", "square", "blue", "star"],
+    }
     grads, outputs = [], []
     for kwargs in ({"pixel_values": images, "image_index": index}, {"pixel_values": images[index]}):
-        model.zero_grad()
-        logits, aux = model(**kwargs, **tokens, return_aux=True)
-        words = region_word_loss(aux["word_embedding"], aux["vocabulary"], target, word_ids, all_words)
-        words = words + word_prediction_loss(
-            aux["phrase_word_embedding"], aux["vocabulary"], word_ids, all_words
-        )
-        (F.binary_cross_entropy_with_logits(logits, target) + words).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        outputs.append({"logits": logits.detach(), **{k: v.detach() for k, v in aux.items()}})
-    assert {"word_embedding", "region_embedding", "vocabulary"} <= outputs[0].keys()
+        task.zero_grad()
+        terms = task({**common, **kwargs})
+        terms["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None})
+        with torch.no_grad():
+            dec = model.forward_features(
+                kwargs["pixel_values"], **tokens, image_index=kwargs.get("image_index")
+            )
+        maps = {k: getattr(dec.decoder, k) for k in ("logits", "offsets", "modulation", "similarity")}
+        outputs.append({**maps, **{k: v.detach() for k, v in terms.items()}})
+    assert {"words_region", "words_phrase", "offsets", "similarity"} <= outputs[0].keys()
     for key in outputs[0]:
         torch.testing.assert_close(outputs[0][key], outputs[1][key], rtol=1e-4, atol=1e-5, msg=key)
-    assert grads[0].keys() == grads[1].keys()
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("objectives.words.") for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="image_index"):
@@ -218,14 +221,16 @@ def test_stem_skip_adds_modules_and_uses_stem_features():
 
 def test_text_kernel_replaces_the_last_convt_and_reads_the_phrase():
     base, _ = _decoder_names(clipseg_like())
-    params, _ = _decoder_names(_with(clipseg_like(), text_kernel=True))
+    params, _ = _decoder_names(_with(clipseg_like(), head="text_kernel"))
     assert {n for n in base - params} == {"transposed_convolution.4.weight", "transposed_convolution.4.bias"}
     assert params - base == {"text_kernel.weight", "text_kernel.bias"}
     with pytest.raises(ConfigError, match="text_kernel"):
-        _with(clipseg_like(), text_kernel=True, complex_transposed_convolution=False).decoder.validate()
+        _with(clipseg_like(), head="text_kernel", complex_transposed_convolution=False).decoder.validate()
+    with pytest.raises(ConfigError, match=r"decoder\.head must be one of"):
+        build_model(_with(clipseg_like(), head="mlp"))
 
     torch.manual_seed(0)
-    model = build_model(model_config("segvlm_tiny", ["decoder.text_kernel=true"])).eval()
+    model = build_model(model_config("segvlm_tiny", ["decoder.head=text_kernel"])).eval()
     image = torch.randn(1, 3, 128, 128).expand(2, -1, -1, -1)
     tokens = model.backbone.tokenize(["the red circle", "the blue squares"])
     with torch.no_grad():
@@ -236,56 +241,6 @@ def test_text_kernel_replaces_the_last_convt_and_reads_the_phrase():
         model.decoder.text_kernel.weight.zero_()
         model.decoder.text_kernel.bias.copy_(torch.tensor([0.0] * 32 + [5.0]))
         torch.testing.assert_close(model(image, **tokens), torch.full((2, 1, 128, 128), 5.0))
-
-
-AUX_HEADS = {  # head switch: (its loss weight, the parameters it adds, the aux maps it returns)
-    "region_head": (
-        "region",
-        {
-            "region_head.proj.weight",
-            "region_head.proj.bias",
-            "region_head.logit_scale",
-            "region_head.logit_bias",
-        },
-        {"region_embedding": (2, 128, 8, 8), "phrase_embedding": (2, 128)},
-    ),
-    "word_head": (
-        "words",
-        {
-            "word_head.region.weight",
-            "word_head.region.bias",
-            "word_head.phrase.weight",
-            "word_head.phrase.bias",
-        },
-        {"word_embedding": (2, 128, 8, 8), "phrase_word_embedding": (2, 128)},
-    ),
-}
-
-
-@pytest.mark.parametrize("head", sorted(AUX_HEADS))
-def test_auxiliary_heads_add_their_parameters_and_come_only_with_their_losses(head):
-    from jobs.config import ExperimentConfig
-    from segvlm.config import validate
-
-    loss, added, shapes = AUX_HEADS[head]
-    params, _ = _decoder_names(_with(clipseg_like(), **{head: True}))
-    assert params - _decoder_names(clipseg_like())[0] == added
-    torch.manual_seed(0)
-    model = build_model(model_config("segvlm_tiny", [f"decoder.{head}=true"]))
-    _, aux = model(**batch(model, ["the red circle", "two stars"]), return_aux=True)
-    assert {k: tuple(aux[k].shape) for k in shapes} == shapes
-    # the word losses score against the text tower's own token embeddings, which only the word head returns
-    vocabulary = model.backbone.clip.text_model.embeddings.token_embedding.weight
-    assert (aux.get("vocabulary") is vocabulary) == (head == "word_head")
-    experiment = ExperimentConfig()
-    for weight, on in ((0.3, False), (0.0, True)):
-        bad = dataclasses.replace(
-            experiment,
-            loss=dataclasses.replace(experiment.loss, **{loss: weight}),
-            model=_with(experiment.model, **{head: on}),
-        )
-        with pytest.raises(ConfigError, match=f"loss.{loss}="):
-            validate(bad)
 
 
 # -------------------------------------------------------------------------------------------- presets

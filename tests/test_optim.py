@@ -39,3 +39,17 @@ def test_optimizer_groups_split_decay_and_the_text_tower(scale: float) -> None:
     assert len(optimizer.param_groups) == (2 if scale == 1.0 else 4)
     with pytest.raises(ConfigError, match="text_lr_scale"):
         OptimConfig(text_lr_scale=0.0).validate()
+
+
+def test_optimizer_of_a_training_task_scales_the_text_tower_as_the_model_alone() -> None:
+    from segvlm.task import LossConfig, build_task
+
+    task = build_task(build_model(model_config("segvlm_tiny")), LossConfig(words=0.3))
+    optimizer = make_optimizer(task, OptimConfig(text_lr_scale=0.3))
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    text = [p for n, p in task.model.named_parameters() if p.requires_grad and n.startswith(TEXT_TOWER)]
+    assert text and all(scale[id(p)] == 0.3 for p in text)
+    # the word head and every other parameter train at the full rate
+    others = [p for n, p in task.named_parameters() if p.requires_grad and all(p is not q for q in text)]
+    assert any(n.startswith("objectives.") for n, _ in task.named_parameters())
+    assert all(scale[id(p)] == 1.0 for p in others)

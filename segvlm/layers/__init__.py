@@ -7,7 +7,6 @@ from segvlm.layers.deform_conv import LanguageConditionedDeformConv2d, deform_co
 from segvlm.layers.film import FiLM, film
 from segvlm.layers.projector import TextImageProjector
 from segvlm.layers.refinement import LayerScale2d, ResidualRefinementBlock
-from segvlm.layers.region_head import RegionPhraseHead
 from segvlm.layers.squeeze_excite import SqueezeExcite
 from segvlm.layers.word_head import WordHead
 
@@ -18,7 +17,6 @@ __all__ = [
     "LayerNorm2d",
     "LayerScale2d",
     "QuickGELU",
-    "RegionPhraseHead",
     "ResidualRefinementBlock",
     "SqueezeExcite",
     "TextImageProjector",

@@ -132,8 +132,8 @@ class LanguageConditionedDeformConv2d(nn.Module):
     The phrase goes through ``cond_proj`` (Linear → C_in), is broadcast over the grid and concatenated
     with x; ``offset_pred`` (conv3×3, 2·C_in → 3·k·k) gives 2·k·k offsets and k·k mask logits (sigmoid).
     ``offset_pred`` is zero-initialised: at init every offset is 0 and every mask 0.5, so the layer is
-    a regular conv with the same weights on half the input. The latest offsets / masks are kept
-    (detached) in ``last_offset`` / ``last_mask`` and, when ``aux`` is given, stored there with grad.
+    a regular conv with the same weights on half the input. ``forward`` also returns the offsets and masks
+    (with grad, for losses and plots); the latest ones are kept detached in ``last_offset`` / ``last_mask``.
     """
 
     def __init__(
@@ -175,14 +175,14 @@ class LanguageConditionedDeformConv2d(nn.Module):
         offset, mask_logits = om.split((2 * k2, k2), dim=1)
         return offset, torch.sigmoid(mask_logits)
 
-    def forward(self, x: Tensor, cond: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: B×C_in×h×w, cond: B×cond_dim → (B×C_out×h×w output, B×2k²×h×w offsets, B×k²×h×w masks)."""
         offset, mask = self.predict_offsets(x, cond)
         self.last_offset, self.last_mask = offset.detach(), mask.detach()
-        if aux is not None:
-            aux["offsets"], aux["modulation"] = offset, mask
-        return deform_conv2d(
+        out = deform_conv2d(
             x, offset, self.weight, self.bias, padding=self.padding, mask=mask, impl=self.impl
         )
+        return out, offset, mask
 
     def extra_repr(self) -> str:
         o, i = self.weight.shape[:2]

@@ -69,16 +69,19 @@ class ResidualRefinementBlock(nn.Module):
         self.se = SqueezeExcite(channels, reduction=se_reduction, act_layer=act_layer) if se else None
         self.layer_scale = LayerScale2d(channels, init_value=0.0) if residual else None
 
-    def forward(self, x: Tensor, cond: Tensor | None = None, aux: dict[str, Tensor] | None = None) -> Tensor:
-        y = x
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x: B×C×h×w, cond: B×cond_dim → (B×C×h×w, offsets B×2k²×h×w, modulation B×k²×h×w); the last two
+        are the deformable conv's (None without it)."""
+        y, offsets, modulation = x, None, None
         if self.conv is not None:
             if self.deformable:
                 if cond is None:
                     raise ValueError("the deformable refinement block needs the phrase embedding `cond`")
-                y = self.conv(y, cond, aux)
+                y, offsets, modulation = self.conv(y, cond)
             else:
                 y = self.conv(y)
             y = self.act(self.norm(y))
         if self.se is not None:
             y = self.se(y)
-        return x + self.layer_scale(y) if self.layer_scale is not None else y
+        out = x + self.layer_scale(y) if self.layer_scale is not None else y
+        return out, offsets, modulation

@@ -1,11 +1,10 @@
-"""Region and phrase embeddings in the text tower's token-embedding space, for the word losses
-(``segvlm.losses.region_word_loss``, ``segvlm.losses.word_prediction_loss``)."""
+"""Region and phrase embeddings in the text tower's token-embedding space, for the word objective
+(``segvlm.task.WordObjective``: ``segvlm.losses.region_word_loss`` and ``segvlm.losses.word_prediction_loss``).
+A training-only head: it lives in the objective, never in the model or its inference checkpoints."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
-
-from segvlm.layers.region_head import token_map
 
 
 class WordHead(nn.Module):
@@ -28,4 +27,5 @@ class WordHead(nn.Module):
 
     def region_map(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """tokens: B×(1+h·w)×Cv → B×Ct×h×w (CLS dropped, row-major grid); ``self.phrase`` maps B×P → B×Ct."""
-        return token_map(self.region, tokens, grid)
+        h, w = grid
+        return self.region(tokens[:, 1:]).transpose(1, 2).unflatten(-1, (h, w))
