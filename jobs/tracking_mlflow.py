@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from jobs.environment import QUIET_ENV
+
+# before any mlflow import (it reads the variable then), in processes that start no job (Ray workers)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", QUIET_ENV["MLFLOW_DISABLE_TELEMETRY"])
 
 SYSTEM_METRICS_INTERVAL_S = 10
 SYSTEM_PREFIX = "system/"  # MLflow's own prefix for system metrics
