@@ -73,7 +73,8 @@ def log_run_params(
     counts = model.num_parameters()
     logger.log_params(
         flatten(cfg)
-        | {k: loop_config.get(k, "") for k in ("git_commit", "train_manifest_hash", "val_manifest_hash")}
+        | {"git_commit": loop_config.get("git_commit", "unknown")}
+        | {f"data.{k}": loop_config.get(k, "") for k in ("train_manifest_hash", "val_manifest_hash")}
         | {"world_size": world_size, "params.total": counts["total"], "params.trainable": counts["trainable"]}
     )
     logger.log_text(to_yaml(cfg), "config.yaml")
