@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # Fast tests in one process, then every module that starts Ray (marked slow) in a process of its own:
 # Ray keeps per-process state across ray.init()/shutdown() that breaks the next module's cluster.
-SLOW_MODULES = $(shell grep -l "mark.slow" tests/test_*.py)
+SLOW_MODULES = $(shell grep -rl --include="test_*.py" "mark.slow" tests | sort)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow" $(if $(ARGS),$(ARGS),-q)
 	@for module in $(SLOW_MODULES); do \

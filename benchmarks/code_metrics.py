@@ -8,7 +8,7 @@ Run from the repository root (reads source only, imports nothing of the project)
 
 Lines are physical lines (``wc -l``) of the ``.py`` files under segvlm/, pipeline/, jobs/, tests/ and
 benchmarks/. The graph covers the modules of segvlm, pipeline and jobs, counting imports inside functions
-(``tests/import_graph.py`` defines the edges; ``tests/test_boundaries.py`` asserts the graph has no cycle).
+(``tests/import_graph.py`` defines the edges; ``tests/system/test_boundaries.py`` asserts the graph has no cycle).
 """
 
 from __future__ import annotations

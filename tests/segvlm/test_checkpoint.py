@@ -17,7 +17,7 @@ from segvlm.checkpoint import CheckpointError, load_checkpoint, load_weights, sa
 from segvlm.config import BackboneConfig, ModelConfig
 from segvlm.registry import build_model, model_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PHRASES = ["the red circle", "a big blue square on the left"]
 
 

@@ -1,6 +1,6 @@
 """Storage locations (``pipeline.storage``) on the local filesystem, and what is refused.
 
-The same functions against a real S3 server are in ``tests/test_s3.py``.
+The same functions against a real S3 server are in ``tests/system/test_s3.py``.
 """
 
 from __future__ import annotations

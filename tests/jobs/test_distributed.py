@@ -2,7 +2,7 @@
 
 No GPU here, so the NCCL case is proven through the check itself (the backend strings an NCCL job's process
 group reports) and by a scan proving every collective in ``jobs/`` goes through that check; the real gloo path
-runs in a two-process group below and in the two-worker Ray tests (tests/test_train.py).
+runs in a two-process group below and in the two-worker Ray tests (tests/jobs/test_train.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jobs.distributed import (
 )
 from tests.servers import free_port
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def test_backend_strings_map_devices_as_torch_does():

@@ -16,7 +16,7 @@ from jobs import submit
 from jobs.environment import USER_ENV, job_env_vars
 from jobs.tracking import resolve_tracking_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_job_started_without_hub_settings_does_not_go_offline():

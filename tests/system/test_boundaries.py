@@ -24,7 +24,7 @@ from tests.import_graph import (
     targets,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("ray", "mlflow", "webdataset")
 # What pipeline/ may take from segvlm/: the data-side helpers (polygon rasterising, image preprocessing, the
 # atomic file writer, the scene vocabulary and phrase types, the config error type). Never the model, its

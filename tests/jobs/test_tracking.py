@@ -290,7 +290,7 @@ loaded = sorted(m for m in ("mlflow", "ray", "psutil", "sqlalchemy") if m in sys
 assert not loaded, loaded
 print("ok")
 """
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(root)
     done = subprocess.run(
@@ -403,7 +403,7 @@ def _jobs_imports(module: str) -> set[str]:
     """Every ``jobs.*`` module ``module`` imports, at any level (top, function, TYPE_CHECKING)."""
     import ast
 
-    path = Path(__file__).resolve().parents[1] / (module.replace(".", "/") + ".py")
+    path = Path(__file__).resolve().parents[2] / (module.replace(".", "/") + ".py")
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -425,7 +425,7 @@ def test_tracking_modules_import_one_way_without_a_cycle() -> None:
         module = todo.pop()
         if (
             module in seen
-            or not (Path(__file__).resolve().parents[1] / (module.replace(".", "/") + ".py")).exists()
+            or not (Path(__file__).resolve().parents[2] / (module.replace(".", "/") + ".py")).exists()
         ):
             continue
         seen.add(module)
@@ -441,7 +441,7 @@ def test_tracking_modules_use_no_private_mlflow_api() -> None:
     import ast
 
     for module in TRACKING_MODULES:
-        path = Path(__file__).resolve().parents[1] / (module.replace(".", "/") + ".py")
+        path = Path(__file__).resolve().parents[2] / (module.replace(".", "/") + ".py")
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Attribute)

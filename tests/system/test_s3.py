@@ -77,7 +77,7 @@ def test_storage_round_trip_on_s3(aws, tmp_path):
 def test_shards_on_s3_are_the_local_shards_and_the_loaders_stream_them(aws, data):
     from pipeline import storage
     from pipeline.loader import DataConfig, list_shards, make_eval_loader, make_train_loader
-    from tests.test_loader import fake_tokenize as tokenize
+    from tests.pipeline.test_loader import fake_tokenize as tokenize
 
     root, _ = data
     s3_urls, s3_sizes = list_shards(aws.uri("data", "train"), "train")

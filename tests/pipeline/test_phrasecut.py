@@ -42,7 +42,7 @@ def test_every_planted_bad_record_is_quarantined_with_reason_and_file(fixture, r
     _, _, quarantine, stats = result
     got = sorted((q.record, q.reason, q.source_file) for q in quarantine)
     assert got == sorted(fixture["expected_quarantine"])
-    # every reason code of ordinary flawed data (tests/test_hostile_data.py exercises the others)
+    # every reason code of ordinary flawed data (tests/pipeline/test_hostile_data.py exercises the others)
     assert {q.reason for q in quarantine} == set(list(REASONS)[:8])
     for q in quarantine:
         assert q.reason in REASONS

@@ -26,7 +26,7 @@ import pytest
 from jobs import submit
 from tests.servers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 

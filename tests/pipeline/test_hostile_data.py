@@ -330,7 +330,7 @@ def test_training_error_budget_skips_corrupt_samples_but_stops_an_all_broken_str
 
 
 # ------------------------------------------------------------------------------------------- relay
-def test_tracking_relay_accepts_only_its_logging_methods_and_paths_inside(tmp_path):
+def test_tracking_accepts_only_its_logging_methods_and_paths_inside(tmp_path):
     from jobs.tracking_relay import TrackingRelay, check_call, unpack_folder
 
     relay = object.__new__(TrackingRelay)  # the actor's own method, without starting Ray

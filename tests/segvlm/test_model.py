@@ -17,7 +17,7 @@ from segvlm.config import BackboneConfig, ConfigError, DecoderConfig, ModelConfi
 from segvlm.model import SegVLM
 from segvlm.registry import build_model, list_models, model_config, register_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
 
 
