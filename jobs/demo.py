@@ -17,9 +17,11 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from jobs.common import init_ray, to_json
 from jobs.environment import local_only_environment
+from segvlm.atomic import write_bytes_atomic
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 HEADLINE = (
@@ -35,7 +37,7 @@ HEADLINE = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segvlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument(
@@ -45,14 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     local_only_environment()
+    summary = run_demo(args)
+    print_summary(summary, workdir_arg=args.workdir)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Data, training and evaluation; writes and returns ``<workdir>/summary.json``'s content."""
 
     from jobs.config import ExperimentConfig
     from jobs.demo_data import build_demo_data
     from jobs.eval import run_eval
     from jobs.train import run_training
-    from pipeline.progress import format_table
     from segvlm.config import load_config
 
     workdir = Path(args.workdir).resolve()
@@ -111,10 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         # the floor: marking every shape whatever the phrase
         "test_every_shape_mean_iou": scene_summary["every_shape_mean_iou"]["test"],
     }
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(to_json(summary, indent=2, sort_keys=True))
-    tmp.replace(workdir / "summary.json")
+    write_bytes_atomic(workdir / "summary.json", to_json(summary, indent=2, sort_keys=True).encode())
+    return summary | {"experiment": cfg.tracking.experiment, "path": str(workdir / "summary.json")}
 
+
+def print_summary(summary: dict[str, Any], *, workdir_arg: str) -> None:
+    """The test metrics, the floor, the timings, the MLflow run and how to open the UI."""
+    from pipeline.progress import format_table
+
+    report, trained, timings = summary["test"], summary["train"], summary["timings_s"]
     print()
     print(
         format_table(
@@ -126,13 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         f"marks every shape, ignoring the phrase, scores mean IoU {summary['test_every_shape_mean_iou']:.2f} "
         "on this test split)"
     )
-    print(
-        f"\nsteps trained: {trained['steps']}  total time: {summary['timings_s']['total']:.0f} s  {timings}"
-    )
-    print(f"MLflow run: {trained['run_id']}  (experiment {cfg.tracking.experiment!r})")
-    if trained["tracking_uri"].startswith(("http://", "https://")):
-        print(f"open the UI:  {trained['tracking_uri']}")
+    stages = {k: v for k, v in timings.items() if k != "total"}
+    print(f"\nsteps trained: {trained['steps']}  total time: {timings['total']:.0f} s  {stages}")
+    print(f"MLflow run: {trained['run_id']}  (experiment {summary['experiment']!r})")
+    if summary["tracking_uri"].startswith(("http://", "https://")):
+        print(f"open the UI:  {summary['tracking_uri']}")
     else:
-        print(f"open the UI:  segvlm ui --workdir {args.workdir}   then browse http://127.0.0.1:5000")
-    print(f"summary: {workdir / 'summary.json'}")
-    return 0
+        print(f"open the UI:  segvlm ui --workdir {workdir_arg}   then browse http://127.0.0.1:5000")
+    print(f"summary: {summary['path']}")
