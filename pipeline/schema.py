@@ -8,7 +8,10 @@ One WebDataset sample per image::
 
 Polygons are kept per instance, as PhraseCut stores them: ``polygons[instance][polygon][point] = [x, y]``
 in pixels of the stored image (``width × height``); ``orig_width × orig_height`` is the size the
-official metrics are computed at.
+official metrics are computed at. Instances that polygons cannot express (COCO crowd regions) are kept as
+COCO compressed RLEs in ``rles``: ``{"size": [orig_height, orig_width], "counts": "<ascii>"}``, always at the
+ORIGINAL image size (they are not rescaled with the image). A task's target is the union of both lists;
+a task with neither has no target (a negative prompt, or a gRefCOCO no-target expression).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def make_key(source: str, image_id: int | str) -> str:
 
 @dataclasses.dataclass
 class Task:
-    """One referring expression and its target (the union of ``polygons``; empty for negatives)."""
+    """One referring expression and its target (the union of ``polygons`` and ``rles``; empty: no target)."""
 
     task_id: str
     phrase: str
@@ -40,6 +43,8 @@ class Task:
     phrase_structure: dict[str, Any] | None = None
     kind: str = "original"
     source_task_id: str | None = None  # for generated prompts: the original task they derive from
+    # instances as COCO compressed RLE at the original image size (see the module docstring)
+    rles: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def phrase_type(self) -> str | None:
@@ -47,14 +52,21 @@ class Task:
 
     @property
     def num_instances(self) -> int:
-        return len(self.polygons)
+        return len(self.polygons) + len(self.rles or [])
+
+    @property
+    def has_target(self) -> bool:
+        return bool(self.polygons) or bool(self.rles)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Task:
-        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
+        task = cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
+        if task.rles is None:
+            task.rles = []
+        return task
 
 
 @dataclasses.dataclass
