@@ -23,11 +23,26 @@ from jobs.config import ExperimentConfig
 from jobs.environment import quiet_environment
 from segvlm.config import load_config, to_dict
 
+MIXTURE_HELP = """\
+data.train_shards is one prepared folder or URI, or a weighted mixture of several: each training image
+comes from source d with probability weight_d / sum of weights (whatever the sources' sizes); split
+defaults to data.train_split. On the command line, a YAML list in one line (quoted for the shell):
+
+  data.train_shards='[{path: s3://b/refcoco/train, weight: 0.8}, {path: shards/gref, weight: 0.2}]'
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segvlm train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="segvlm train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=MIXTURE_HELP,
+    )
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=500")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.path=value overrides (values read as YAML), e.g. train.steps=500"
+    )
     parser.add_argument(
         "--workdir", help="local folder for the MLflow store, Ray results and the best checkpoint"
     )
@@ -72,6 +87,7 @@ def run_training(
     from jobs.tracking import RunLogger, resolve_tracking_uri
     from jobs.tracking_relay import needs_relay, start_relay, stop_relay
     from jobs.train_loop import train_loop_per_worker
+    from jobs.train_metrics import describe_mixture, mixture_hash
     from jobs.train_state import MODEL_DIR, SCORE_KEY, checkpoint_directory, read_train_state
     from pipeline import storage as locations
     from pipeline.manifest import manifest_hash
@@ -88,6 +104,7 @@ def run_training(
             cfg.train, run_name=run_name, storage_path=storage, best_path=best_location
         ),
     )
+    sources = describe_mixture(cfg.data)  # reads the manifests: a missing one fails before Ray Train starts
     tracking = resolve_tracking_uri(tracking_uri if tracking_uri is not None else cfg.tracking.uri, workdir)
     # the driver runs on the head, next to a loopback-only MLflow server that the GPU nodes cannot reach
     # a local store (sqlite) lives on the driver's disk: workers on other nodes must log through the relay
@@ -101,7 +118,8 @@ def run_training(
             "tracking_uri": tracking,
             "parent_run_id": parent_run_id,
             "git_commit": git_commit(Path(__file__).parent),
-            "train_manifest_hash": manifest_hash(cfg.data.train_shards),
+            "train_manifest_hash": mixture_hash(sources),
+            "train_sources": sources,
             "val_manifest_hash": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "",
             "step_hook": step_hook,
             "tracking_relay": relay,

@@ -81,6 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else None
     )
     window, last_score = StepWindow(), -1.0
+    num_sources = len(cfg.data.train_sources())
 
     ddp_task.train()
     while state["step"] < state["total_steps"]:
@@ -94,6 +95,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait_s += time.perf_counter() - wait_start
+            if num_sources > 1:
+                window.count_sources(batch["source"], num_sources)
             last_micro = micro == accum - 1
             with nullcontext() if last_micro or not hasattr(ddp_task, "no_sync") else ddp_task.no_sync():
                 inputs = {k: distributed.to_device(batch[k], device) for k in TASK_INPUTS}

@@ -67,7 +67,9 @@ from segvlm.preprocess import (
 )
 
 __all__ = [
+    "DataConfig",
     "LoaderInfo",
+    "ShardSource",
     "collate_eval",
     "collate_train",
     "eval_assignment",
@@ -83,17 +85,44 @@ MAX_MEMBER_BYTES = LOADER_MAX_MEMBER_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where the shards are and how the loaders read them (``pipeline.loader``)."""
+class ShardSource:
+    """One data set of a training mixture: a folder or URI written by ``segvlm prepare``, its sampling
+    weight (relative: ``DataConfig.train_sources`` normalises the weights to sum 1) and its split
+    (``""``: ``data.train_split``)."""
 
-    train_shards: str = ""  # folder or URI written by `segvlm prepare` (with manifest.parquet)
+    path: str = ""
+    weight: float = 1.0
+    split: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how the loaders read them (``pipeline.loader``).
+
+    ``train_shards`` is one folder or URI written by ``segvlm prepare`` (with ``manifest.parquet``), or a
+    weighted mixture of several: a list of ``{path, weight, split}`` (``ShardSource``; ``weight`` defaults
+    to 1, ``split`` to ``train_split``). Every training image is drawn from source d with probability
+    weight_d / Σ weights, however many images each source holds. In YAML::
+
+        train_shards:
+          - {path: s3://b/refcoco/train, weight: 0.8}
+          - {path: shards/gref, weight: 0.2}
+
+    and on the command line the same list in YAML's one-line form (override values are read as YAML;
+    quote it for the shell)::
+
+        data.train_shards='[{path: s3://b/refcoco/train, weight: 0.8}, {path: shards/gref, weight: 0.2}]'
+    """
+
+    # a folder/URI, or a mixture of them (see the class docstring)
+    train_shards: str | tuple[ShardSource, ...] = ""
     val_shards: str = ""  # empty: no validation
     train_split: str = "train"
     val_split: str = "val"
     negative_rate: float = 0.2
     phrase_type_balance: bool = False
     num_workers: int = 1  # DataLoader workers per training worker
-    shuffle_buffer: int = 1000  # raw image samples (compressed bytes, cheap)
+    shuffle_buffer: int = 1000  # raw image samples (compressed bytes, cheap), per mixture source
     # augmented tasks (uint8 3×S×S each, ~0.37 MB at 352 px, per DataLoader worker); unused when
     # phrases_per_image > 1, as tasks sharing an image must stay adjacent
     task_shuffle_buffer: int = 256
@@ -109,6 +138,8 @@ class DataConfig:
     hflip: float = 0.0
 
     def validate(self) -> None:
+        if not isinstance(self.train_shards, str):
+            self._validate_mixture()
         if not 0.0 <= self.hflip <= 1.0:
             raise ConfigError(f"data.hflip must lie in [0, 1], got {self.hflip}")
         if self.phrases_per_image < 1:
@@ -122,6 +153,33 @@ class DataConfig:
             raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if not 0.0 <= self.min_object_fraction <= 1.0:
             raise ConfigError(f"data.min_object_fraction must lie in [0, 1], got {self.min_object_fraction}")
+
+    def _validate_mixture(self) -> None:
+        if not self.train_shards:
+            raise ConfigError("data.train_shards: a mixture needs at least one {path, weight} source")
+        seen: set[tuple[str, str]] = set()
+        for i, source in enumerate(self.train_shards):
+            where = f"data.train_shards[{i}]"
+            if not isinstance(source, ShardSource):
+                raise ConfigError(f"{where}: expected a {{path, weight}} source, got {source!r}")
+            if not source.path.strip():
+                raise ConfigError(f"{where}.path is empty")
+            if isinstance(source.weight, bool) or not math.isfinite(source.weight) or source.weight <= 0:
+                raise ConfigError(f"{where}.weight must be a finite number > 0, got {source.weight!r}")
+            place = (source.path.rstrip("/"), source.split or self.train_split)
+            if place in seen:
+                raise ConfigError(f"{where}: {place[0]} (split {place[1]!r}) is already in the mixture")
+            seen.add(place)
+
+    def train_sources(self) -> tuple[ShardSource, ...]:
+        """The training mixture with weights normalised to sum 1 and every split filled in; a plain
+        ``train_shards`` string is a mixture of one. Call after ``validate``."""
+        if isinstance(self.train_shards, str):
+            return (ShardSource(self.train_shards, 1.0, self.train_split),)
+        total = math.fsum(s.weight for s in self.train_shards)
+        return tuple(
+            ShardSource(s.path, s.weight / total, s.split or self.train_split) for s in self.train_shards
+        )
 
 
 # ----------------------------------------------------------------------------------------------- shards
@@ -287,6 +345,7 @@ def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[st
                    "" for negatives and tasks without a structure
     crop_box       B×4 int64, (x0, y0, x1, y1) in stored-image pixels
     flipped        B bool: the crop (pixels and mask) was mirrored left–right after cropping
+    source         B int64: the task's image came from ``data.train_sources()[source]`` (0 without a mixture)
 
     Items carrying the same ``group`` share one crop (``phrases_per_image > 1``); items without one are
     their own image (N = B).
@@ -309,6 +368,7 @@ def collate_train(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[st
         "target_words": [it.get("target_words", "") for it in items],
         "crop_box": torch.tensor([it["crop_box"] for it in items], dtype=torch.int64),
         "flipped": torch.tensor([it.get("flipped", False) for it in items], dtype=torch.bool),
+        "source": torch.tensor([it.get("source", 0) for it in items], dtype=torch.int64),
     }
 
 
@@ -346,7 +406,7 @@ def collate_eval(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[str
 class LoaderInfo:
     """What ``make_train_loader`` decided, for logging and for the training loop."""
 
-    urls: list[str]
+    urls: list[str]  # every source's shards
     num_shards: int
     num_images: int | None  # from sizes.json; None when unknown
     batch_size: int
@@ -355,6 +415,8 @@ class LoaderInfo:
     num_workers: int
     steps_per_epoch: int | None  # batches per rank per epoch (identical on every rank); None = endless
     batches_per_worker: list[int] | None  # how the rank's batches are split over its loader workers
+    sources: tuple[ShardSource, ...] = ()  # the mixture (``DataConfig.train_sources``), weights summing to 1
+    source_images: list[int | None] = dataclasses.field(default_factory=list)  # per source, as num_images
 
 
 def _split_batches(total: int, workers: int) -> list[int]:
@@ -523,6 +585,7 @@ def _train_items(
                     "crop_box": box,
                     "flipped": flipped,
                     "target_words": words,
+                    "source": sample.get("__source__", 0),  # which mixture source (``_mix``)
                 }
             errors.ok()
         except Exception as exn:  # a corrupt sample is skipped (and counted), never fatal on its own
@@ -546,16 +609,35 @@ def _resampled_urls(urls: Sequence[str], rng: np.random.Generator) -> Iterator[d
         yield {"url": urls[int(rng.integers(0, len(urls)))]}
 
 
+def _mix(
+    sources: Sequence[Iterable[dict[str, Any]]], weights: Sequence[float], rng: np.random.Generator
+) -> Iterator[dict[str, Any]]:
+    """Each next sample from ``sources[d]`` with probability ``weights[d]`` (summing to 1), tagged
+    ``__source__ = d``: webdataset's ``RandomMix``, seeded by us. The shares hold whatever the sources'
+    sizes, as every source is an endless resampled stream that never runs dry."""
+    iterators = [iter(source) for source in sources]
+    while True:
+        d = int(rng.choice(len(iterators), p=weights)) if len(iterators) > 1 else 0
+        sample = next(iterators[d], None)
+        if sample is None:
+            return
+        yield {**sample, "__source__": d}
+
+
 class TrainStream(IterableDataset):
     """The training pipeline for one rank; ``len()`` = batches per epoch on this rank (when finite).
 
     Each (seed, epoch, rank, worker) gets its own random stream, so runs are reproducible and workers
-    and ranks see different shards, crops and negatives.
+    and ranks see different shards, crops and negatives. ``sources`` holds each mixture source's shard
+    locations and ``weights`` its sampling probability (summing to 1): every source has its own
+    resampled shard stream and image shuffle buffer (``shuffle_buffer`` images each), and ``_mix`` draws
+    each image from one of them.
     """
 
     def __init__(
         self,
-        urls: list[str],
+        sources: Sequence[Sequence[str]],
+        weights: Sequence[float],
         cfg: DataConfig,
         tokenizer: TokenizeFn,
         *,
@@ -566,7 +648,10 @@ class TrainStream(IterableDataset):
         steps_per_epoch: int | None,
     ) -> None:
         super().__init__()
-        self.urls = urls
+        if len(sources) != len(weights) or not sources:
+            raise ValueError(f"{len(sources)} shard lists for {len(weights)} mixture weights")
+        self.sources = [list(urls) for urls in sources]
+        self.weights = [float(w) for w in weights]
         self.cfg = cfg
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
@@ -587,18 +672,37 @@ class TrainStream(IterableDataset):
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_train(items, self.tokenizer)
 
+    def _source_samples(
+        self,
+        urls: list[str],
+        url_seed: np.random.SeedSequence,
+        shuffle_seed: np.random.SeedSequence,
+        errors: _ErrorBudget,
+    ) -> wds.DataPipeline:
+        """One source's endless stream of raw image samples: resampled shards, then an image shuffle."""
+        url_rng, samples = np.random.default_rng(url_seed), max(1, self.cfg.shuffle_buffer)
+        return wds.DataPipeline(
+            lambda: _resampled_urls(urls, url_rng),
+            _tarfile_to_samples(handler=errors),
+            wds.shuffle(samples, initial=min(samples, 100), seed=int(shuffle_seed.generate_state(1)[0])),
+        )
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _worker()
-        streams = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).spawn(4)
-        url_rng, item_rng = np.random.default_rng(streams[0]), np.random.default_rng(streams[1])
-        shuffle_seed, task_seed = (int(s.generate_state(1)[0]) for s in streams[2:])
+        streams = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).spawn(
+            4 + len(self.sources)
+        )
+        # 0-3 serve as they did before mixtures (a one-source stream reads the same images as then): shards
+        # and image shuffle of source 0, items, tasks; 4 picks the source of each image; 5... sources 1...
+        item_rng, mix_rng = np.random.default_rng(streams[1]), np.random.default_rng(streams[4])
+        task_seed = int(streams[3].generate_state(1)[0])
+        seeds = [(streams[0], streams[2])] + [tuple(s.spawn(2)) for s in streams[5:]]
         errors = _ErrorBudget()
         cfg = self.cfg
-        samples, tasks = max(1, cfg.shuffle_buffer), max(1, cfg.task_shuffle_buffer)
+        tasks = max(1, cfg.task_shuffle_buffer)
+        raw = [self._source_samples(urls, *pair, errors) for urls, pair in zip(self.sources, seeds)]
         stages: list[Any] = [
-            lambda: _resampled_urls(self.urls, url_rng),
-            _tarfile_to_samples(handler=errors),
-            wds.shuffle(samples, initial=min(samples, 100), seed=shuffle_seed),
+            lambda: _mix(raw, self.weights, mix_rng),
             lambda src: _train_items(src, cfg, self.image_size, item_rng, errors),
         ]
         if cfg.phrases_per_image == 1:  # tasks sharing an image stay adjacent, or they cannot share it
@@ -642,8 +746,8 @@ def make_train_loader(
     pin_memory: bool = False,
     return_dataset: bool = False,
 ) -> tuple[TrainLoader | TrainStream, LoaderInfo]:
-    """The training loader of one rank over ``data.train_shards`` (split ``data.train_split``), and what it
-    decided.
+    """The training loader of one rank over ``data.train_shards`` (split ``data.train_split``, or a weighted
+    mixture of sources: ``DataConfig``), and what it decided.
 
     Every data knob comes from ``data`` (checked by ``DataConfig.validate``); the arguments are what the
     training run decides: batch and image size, seed, this rank's place, and the epoch length.
@@ -653,17 +757,23 @@ def make_train_loader(
     (full batches only), whatever the shard sizes: shards are resampled with replacement, so no rank can
     run out. With ``phrases_per_image > 1`` up to that many tasks of one image share a crop (see
     ``collate_train``); ``hflip`` mirrors a crop left–right together with its phrases (left ↔ right).
+    A mixture draws each image from source d with probability weight_d, whatever the sources' sizes;
+    batches say where each task came from (``source``).
     Returns a ``TrainLoader`` (``batch_size=None``; batching happens in the pipeline), or the bare
     ``TrainStream`` with ``return_dataset=True``.
     """
     data.validate()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    urls, sizes = list_shards(data.train_shards, data.train_split)
+    sources = data.train_sources()
+    listed = [list_shards(source.path, source.split) for source in sources]
+    urls = [url for source_urls, _ in listed for url in source_urls]
+    images = [sum(sizes.values()) if sizes else None for _, sizes in listed]
     if steps_per_epoch is None and samples_per_epoch is not None:
         steps_per_epoch = max(1, math.ceil(samples_per_epoch / (batch_size * world_size)))
     stream = TrainStream(
-        urls,
+        [source_urls for source_urls, _ in listed],
+        [source.weight for source in sources],
         data,
         tokenizer,
         batch_size=batch_size,
@@ -675,7 +785,7 @@ def make_train_loader(
     info = LoaderInfo(
         urls=urls,
         num_shards=len(urls),
-        num_images=sum(sizes.values()) if sizes else None,
+        num_images=None if None in images else sum(images),
         batch_size=batch_size,
         world_size=world_size,
         rank=rank,
@@ -684,6 +794,8 @@ def make_train_loader(
         batches_per_worker=None
         if steps_per_epoch is None
         else _split_batches(steps_per_epoch, max(1, data.num_workers)),
+        sources=sources,
+        source_images=images,
     )
     if return_dataset:
         return stream, info

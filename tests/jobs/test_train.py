@@ -191,13 +191,20 @@ def test_distributed_eval_equals_single_process_and_the_official_pngs(data, tmp_
 
 def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
     from jobs.train import run_training
+    from jobs.train_metrics import mixture_hash
+    from pipeline.manifest import load_sizes, manifest_hash
 
     root, clip = data
     with mlflow_server(tmp_path, str(tmp_path / "server-artifacts")) as uri:
+        # a two-source mixture given on the command line: the training split at 3, the test split at 1
+        mixture = (
+            f"[{{path: {root / 'train'}, weight: 3}}, {{path: {root / 'test'}, weight: 1, split: test}}]"
+        )
         cfg = experiment(
             root,
             clip,
             tmp_path / "work",
+            f"data.train_shards={mixture}",
             "train.steps=2",
             "train.num_workers=1",
             "train.ckpt_every=2",
@@ -220,3 +227,20 @@ def test_a_real_mlflow_server_receives_the_run(data, tmp_path):
         assert run.data.tags[RELAY_TAG] == ray.get_runtime_context().get_node_id()
         assert any("pr_curve" in a.path for a in client.list_artifacts(out["run_id"], "val"))
         assert client.list_artifacts(out["run_id"], "images"), "prediction overlays were not logged"
+        # the mixture: each source's path, split, weight, manifest hash and image count, and its identity
+        params, logged = run.data.params, []
+        for d, (folder, split, weight) in enumerate([("train", "train", 0.75), ("test", "test", 0.25)]):
+            source = {
+                "path": str(root / folder),
+                "split": split,
+                "weight": weight,
+                "manifest_hash": manifest_hash(root / folder),
+                "images": sum(load_sizes(root / folder).values()),
+            }
+            assert {k: params[f"data.train_sources.{d}.{k}"] for k in source} == {
+                k: str(v) for k, v in source.items()
+            }
+            logged.append(source)
+        assert params["data.train_manifest_hash"] == mixture_hash(logged)
+        shares = [run.data.metrics[f"data/source_share/{d}"] for d in (0, 1)]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
