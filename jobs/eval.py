@@ -1,4 +1,4 @@
-"""``segvlm eval``: distributed evaluation of a checkpoint on a shard set, with every PhraseCut metric.
+"""``segvlm eval``: distributed evaluation of a checkpoint on one or several shard sets, with every protocol.
 
 Launch::
 
@@ -6,6 +6,8 @@ Launch::
     segvlm eval --checkpoint s3://bucket/runs/<run>/best --data s3://bucket/phrasecut/test \\
         --out s3://bucket/runs/<run>/eval-test --official-dir s3://bucket/runs/<run>/preds --num-workers 4 \\
         --ray-address auto --tracking-uri http://127.0.0.1:5000
+    segvlm eval --checkpoint C --split val --data refcoco-val=shards/refcoco/val \\
+        --data grefcoco-val=shards/grefcoco/val --out runs/eval-cross
 
 Each Ray Train worker scores its share of the tasks (every task exactly once across workers); the metric sums
 are merged with one all-reduce and rank 0 returns the report to the driver through Ray, which writes
@@ -13,25 +15,43 @@ are merged with one all-reduce and rank 0 returns the report to the driver throu
 writes ``{task_id}.png`` (binary, original image size), the layout the PhraseCut evaluator reads;
 ``segvlm.metrics`` recomputes the report from those PNGs in the tests. Every location (checkpoint, data,
 out, official dir) is a local folder or a URI (``s3://...``): no disk shared between nodes is assumed.
+
+Every report holds every protocol's metrics and names the one its dataset is published under
+(``"protocol"``: ``phrasecut``, ``refcoco`` or ``grefcoco``; ``--protocol auto`` reads it from the shards'
+``ImageRecord.source``); ``report.md`` shows that protocol first.
+
+Several datasets (``--data NAME=LOCATION``, repeated) are evaluated in one Ray session by one set of workers
+(the checkpoint is loaded once): each gets its report under ``OUT/NAME/``, and ``OUT/table.json``,
+``table.md`` and ``table.csv`` hold one row per dataset with its protocol's headline metrics. MLflow gets one
+run with the metrics as ``NAME/<metric>`` and the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import functools
+import io
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.common import TRAIN_LOG_LEVEL, init_ray, to_json
 from jobs.environment import quiet_environment
 
+if TYPE_CHECKING:
+    from jobs.tracking import TrackingLogger
 
-def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+
+def eval_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """One Train worker: load the checkpoint once, then score its share of every dataset of
+    ``config["datasets"]`` in turn (one all-reduce each); rank 0 returns one payload per dataset."""
     import ray.train
     import torch
 
@@ -42,7 +62,6 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from pipeline.loader import make_eval_loader
     from segvlm.checkpoint import load_checkpoint
     from segvlm.inference import checkpoint_threshold
-    from segvlm.metrics import format_markdown_table
 
     quiet_train_worker()
     context = ray.train.get_context()
@@ -53,37 +72,38 @@ def eval_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         model, model_cfg, meta = load_checkpoint(folder)
     threshold = config["threshold"] if config["threshold"] is not None else checkpoint_threshold(meta)
     model.to(device)
-    loader = make_eval_loader(
-        config["data"],
-        split=config["split"],
-        batch_size=config["batch_size"],
-        image_size=model_cfg.backbone.image_size,
-        tokenizer=model.backbone.tokenize,
-        rank=rank,
-        world_size=world,
-        num_workers=0,
-        pin_memory=device.type == "cuda",
-    )
     autocast = functools.partial(distributed.autocast, "auto", device)  # bf16 on GPU, float32 on CPU
-    start = time.perf_counter()
-    result = evaluate(
-        model,
-        loader,
-        device=device,
-        autocast=autocast,
-        threshold=threshold,
-        official_dir=config["official_dir"],
-    )
-    summary = result.all_reduce(device).compute()
-    summary["threshold"] = threshold
-    summary["seconds"] = time.perf_counter() - start
-    ray.train.report({"tasks": summary.get("official/count", 0.0)})
-    if rank != 0:
-        return None
-    # the report goes back to the driver as rank 0's return value (Result.return_value): no file of this
-    # node's disk is read by anyone else
-    curve = {k: [float(x) for x in v] for k, v in result.metrics.clipseg.pr_curve().items()}
-    return {"summary": summary, "pr_curve": curve, "markdown": format_markdown_table(summary)}
+    payloads = []
+    for dataset in config["datasets"]:
+        loader = make_eval_loader(
+            dataset["data"],
+            split=config["split"],
+            batch_size=config["batch_size"],
+            image_size=model_cfg.backbone.image_size,
+            tokenizer=model.backbone.tokenize,
+            rank=rank,
+            world_size=world,
+            num_workers=0,
+            pin_memory=device.type == "cuda",
+        )
+        start = time.perf_counter()
+        result = evaluate(
+            model,
+            loader,
+            device=device,
+            autocast=autocast,
+            threshold=threshold,
+            official_dir=dataset["official_dir"],
+        )
+        summary = result.all_reduce(device).compute()
+        summary["threshold"] = threshold
+        summary["seconds"] = time.perf_counter() - start
+        ray.train.report({"tasks": summary.get("official/count", 0.0)})
+        # the reports go back to the driver as rank 0's return value (Result.return_value): no file of this
+        # node's disk is read by anyone else
+        curve = {k: [float(x) for x in v] for k, v in result.metrics.clipseg.pr_curve().items()}
+        payloads.append({"summary": summary, "pr_curve": curve})
+    return payloads if rank == 0 else None
 
 
 def default_out(checkpoint: str, split: str) -> str:
@@ -105,43 +125,46 @@ def _inside(location: str, folder: str) -> bool:
     return location == folder or location.startswith(folder + "/")
 
 
-def run_eval(
-    checkpoint: str,
-    data: str,
-    *,
-    out: str,
-    split: str = "test",
-    official_dir: str | None = None,
-    num_workers: int = 1,
-    batch_size: int = 16,
-    use_gpu: bool = False,
-    ray_address: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = "segvlm",
-    run_id: str | None = None,
-    threshold: float | None = None,
-) -> dict[str, float]:
-    """Evaluate ``checkpoint`` on the shards at ``data`` and return the report (also written to ``out``).
-
-    ``checkpoint``, ``data``, ``out`` and ``official_dir`` are local folders or URIs (``s3://...``). Each
-    worker downloads a URI checkpoint into a temporary folder of its own; the report reaches this process
-    through Ray and is written to ``out`` from here. ``out`` must not lie inside ``checkpoint``.
-
-    Masks are ``probability > threshold``; ``None`` takes the checkpoint's (chosen on validation during
-    training, 0.5 for a checkpoint without one). The report states it as ``threshold``.
-    """
+def detect_protocol(data: str, split: str) -> str:
+    """The protocol of the dataset in the shards at ``data``: from the ``source`` of the split's first record
+    (a shard set holds one dataset: ``segvlm prepare`` writes one source)."""
     from pipeline import storage
-    from segvlm.inference import check_threshold
+    from pipeline.loader import list_shards
+    from pipeline.shards import iter_shard
+    from segvlm.metrics import protocol_for_source
 
-    if threshold is not None:
-        threshold = check_threshold(threshold)
-    checkpoint, data, out = (_absolute(x) for x in (checkpoint, data, out))
-    official_dir = _absolute(official_dir) if official_dir else None
-    for location in (out, official_dir):
-        if location and _inside(location, checkpoint):
-            raise ValueError(
-                f"{location}: an evaluation output may not lie inside the checkpoint {checkpoint}"
-            )
+    urls, _ = list_shards(data, split)
+    for url in urls:
+        with contextlib.closing(iter_shard(*storage.resolve(url))) as samples:
+            first = next(samples, None)
+        if first is not None:
+            return protocol_for_source(first[0].source)
+    raise ValueError(f"{data}: no {split!r} sample to tell the dataset by; pass --protocol")
+
+
+def _resolve_protocol(protocol: str, data: str, split: str) -> str:
+    from segvlm.metrics import PROTOCOLS
+
+    if protocol == "auto":
+        return detect_protocol(data, split)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be auto or one of {PROTOCOLS}, got {protocol!r}")
+    return protocol
+
+
+def _evaluate_on_ray(
+    checkpoint: str,
+    datasets: Sequence[Mapping[str, Any]],
+    *,
+    split: str,
+    num_workers: int,
+    batch_size: int,
+    use_gpu: bool,
+    ray_address: str | None,
+    threshold: float | None,
+) -> list[dict[str, Any]]:
+    """One Ray Train run scoring ``checkpoint`` on every dataset (``{"data", "official_dir"}``, absolute
+    locations); returns rank 0's payloads (``summary``, ``pr_curve``), one per dataset, in order."""
     quiet_environment()
     init_ray(ray_address)
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
@@ -155,9 +178,8 @@ def run_eval(
         eval_loop_per_worker,
         train_loop_config={
             "checkpoint": checkpoint,
-            "data": data,
+            "datasets": [dict(d) for d in datasets],
             "split": split,
-            "official_dir": official_dir,
             "batch_size": batch_size,
             "use_gpu": use_gpu,
             "threshold": threshold,
@@ -177,36 +199,277 @@ def run_eval(
         shutil.rmtree(scratch, ignore_errors=True)
     if result.error:
         raise result.error
-    payload = result.return_value
-    if not payload:
+    payloads = result.return_value
+    if not payloads or len(payloads) != len(datasets):
         raise RuntimeError("segvlm eval: rank 0 returned no report")
-    # what report.json holds, undefined metrics (NaN: an empty subset) as None, is what we return
-    report = json.loads(to_json(payload["summary"]))
+    return payloads
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: the protocol named first, then every metric table, that protocol's on top."""
+    from segvlm.metrics import format_markdown_table, lead_with_protocol
+
+    protocol = report.get("protocol", "phrasecut")
+    metrics = {k: v for k, v in report.items() if k != "protocol"}
+    return f"protocol: **{protocol}**\n\n" + format_markdown_table(lead_with_protocol(metrics, protocol))
+
+
+def _report_files(payload: Mapping[str, Any], protocol: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The report (what report.json holds: undefined metrics, NaN, as None) and the files of one dataset."""
+    report = json.loads(to_json({"protocol": protocol, **payload["summary"]}))
     files = {
         "report.json": to_json(report, indent=2, sort_keys=True),
-        "report.md": payload["markdown"],
+        "report.md": report_markdown(report),
         "pr_curve.json": json.dumps(payload["pr_curve"]),
     }
+    return report, files
+
+
+def _metric_values(report: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a report, without its protocol name (None, an undefined metric, the logger skips)."""
+    return {k: v for k, v in report.items() if k != "protocol"}
+
+
+def _check_outputs(checkpoint: str, *locations: str | None) -> None:
+    for location in locations:
+        if location and _inside(location, checkpoint):
+            raise ValueError(
+                f"{location}: an evaluation output may not lie inside the checkpoint {checkpoint}"
+            )
+
+
+def _tracking_logger(
+    tracking_uri: str, experiment: str, out: str, run_id: str | None, checkpoint: str
+) -> TrackingLogger:
+    from jobs.tracking import RunLogger
+    from pipeline import storage
+
+    return RunLogger(
+        enabled=True,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        # a new experiment of a local sqlite store keeps its artifacts under workdir: not in tmp
+        workdir=str(Path("runs").resolve()) if storage.is_uri(out) else out,
+        run_id=run_id,
+        run_name=None if run_id else f"eval-{storage.name(checkpoint)}",
+    )
+
+
+def run_eval(
+    checkpoint: str,
+    data: str,
+    *,
+    out: str,
+    split: str = "test",
+    official_dir: str | None = None,
+    num_workers: int = 1,
+    batch_size: int = 16,
+    use_gpu: bool = False,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "segvlm",
+    run_id: str | None = None,
+    threshold: float | None = None,
+    protocol: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the shards at ``data`` and return the report (also written to ``out``).
+
+    ``checkpoint``, ``data``, ``out`` and ``official_dir`` are local folders or URIs (``s3://...``). Each
+    worker downloads a URI checkpoint into a temporary folder of its own; the report reaches this process
+    through Ray and is written to ``out`` from here. ``out`` must not lie inside ``checkpoint``.
+
+    Masks are ``probability > threshold``; ``None`` takes the checkpoint's (chosen on validation during
+    training, 0.5 for a checkpoint without one). The report states it as ``threshold``, and the protocol
+    (``auto``: from the dataset, see ``detect_protocol``) as ``protocol``.
+    """
+    from pipeline import storage
+    from segvlm.inference import check_threshold
+
+    if threshold is not None:
+        threshold = check_threshold(threshold)
+    checkpoint, data, out = (_absolute(x) for x in (checkpoint, data, out))
+    official_dir = _absolute(official_dir) if official_dir else None
+    _check_outputs(checkpoint, out, official_dir)
+    protocol = _resolve_protocol(protocol, data, split)
+    (payload,) = _evaluate_on_ray(
+        checkpoint,
+        [{"data": data, "official_dir": official_dir}],
+        split=split,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        use_gpu=use_gpu,
+        ray_address=ray_address,
+        threshold=threshold,
+    )
+    report, files = _report_files(payload, protocol)
     for filename, text in files.items():
         storage.write_bytes(storage.join(out, filename), text.encode())
     if tracking_uri is not None:
-        from jobs.tracking import RunLogger
-
         with tempfile.TemporaryDirectory(prefix="segvlm-eval-report-") as tmp:
             for filename, text in files.items():
                 Path(tmp, filename).write_text(text)
-            with RunLogger(
-                enabled=True,
-                tracking_uri=tracking_uri,
-                experiment=experiment,
-                # a new experiment of a local sqlite store keeps its artifacts under workdir: not in tmp
-                workdir=str(Path("runs").resolve()) if storage.is_uri(out) else out,
-                run_id=run_id,
-                run_name=None if run_id else f"eval-{storage.name(checkpoint)}",
-            ) as logger:
-                logger.log_metrics({f"{split}/{k}": v for k, v in report.items()}, step=0)
+            with _tracking_logger(tracking_uri, experiment, out, run_id, checkpoint) as logger:
+                logger.log_metrics({f"{split}/{k}": v for k, v in _metric_values(report).items()}, step=0)
                 logger.log_artifacts(tmp, f"eval_{split}")
     return report
+
+
+# ------------------------------------------------------------------------------------ several datasets
+def dataset_name_error(name: str) -> str | None:
+    """Why ``name`` cannot name a dataset: it becomes a folder of ``--out`` and an MLflow metric prefix, so
+    it must be one safe file name (``[A-Za-z0-9][A-Za-z0-9_-]*``: MLflow keys refuse ``+``)."""
+    from pipeline.validate import id_error
+
+    return id_error(name, "dataset name")
+
+
+def parse_data(values: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """``--data`` values -> ``(bare location or None, {name: location})``; raises ValueError.
+
+    ``NAME=LOCATION`` names a dataset when the text before the first ``=`` holds no ``/`` or ``:`` (a
+    location may contain ``=``: ``s3://b/split=val``, ``./a=b``). One bare location, or only named ones.
+    """
+    bare: list[str] = []
+    named: dict[str, str] = {}
+    for value in values:
+        head, sep, location = value.partition("=")
+        if not sep or "/" in head or ":" in head:
+            bare.append(value)
+            continue
+        if (error := dataset_name_error(head)) is not None:
+            raise ValueError(f"--data {value}: {error}")
+        if not location:
+            raise ValueError(f"--data {value}: no location after {head}=")
+        if head in named:
+            raise ValueError(f"--data: dataset name {head!r} given twice")
+        named[head] = location
+    if bare and (named or len(bare) > 1):
+        raise ValueError("--data: give one bare location, or NAME=LOCATION for each dataset")
+    return (bare[0] if bare else None), named
+
+
+def cross_dataset_table(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Datasets × metrics: ``{"columns": [...], "rows": [...]}``, a row per dataset (in order) with its
+    ``dataset`` name, ``protocol`` and that protocol's headline metrics (``segvlm.metrics.HEADLINE_METRICS``,
+    ending with its count) as in its report; the columns are ``dataset``, ``protocol`` and the union of the
+    rows' headline metrics, by protocol."""
+    from segvlm.metrics import HEADLINE_METRICS, PROTOCOLS
+
+    used = {report["protocol"] for report in reports.values()}
+    columns = ["dataset", "protocol"] + [m for p in PROTOCOLS if p in used for m in HEADLINE_METRICS[p]]
+    rows = [
+        {"dataset": name, "protocol": report["protocol"]}
+        | {m: report.get(m) for m in HEADLINE_METRICS[report["protocol"]]}
+        for name, report in reports.items()
+    ]
+    return {"columns": columns, "rows": rows}
+
+
+def table_files(table: Mapping[str, Any]) -> dict[str, str]:
+    """``table.json``, ``table.md`` and ``table.csv`` of a ``cross_dataset_table`` (a metric another
+    protocol reports is an empty cell; an undefined one is null / "–" / empty)."""
+    from segvlm.metrics import format_dataset_table
+
+    columns, rows = table["columns"], table["rows"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
+    return {
+        "table.json": to_json(table, indent=2),
+        "table.md": format_dataset_table(rows, columns),
+        "table.csv": buffer.getvalue(),
+    }
+
+
+def run_cross_eval(
+    checkpoint: str,
+    datasets: Mapping[str, str],
+    *,
+    out: str,
+    split: str = "test",
+    official_dir: str | None = None,
+    num_workers: int = 1,
+    batch_size: int = 16,
+    use_gpu: bool = False,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "segvlm",
+    run_id: str | None = None,
+    threshold: float | None = None,
+    protocol: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on every ``{name: shard location}`` of ``datasets`` (split ``split`` of each)
+    in one Ray Train run; returns the ``cross_dataset_table``.
+
+    Writes ``out/<name>/`` (``report.json``, ``report.md``, ``pr_curve.json``) per dataset, then
+    ``out/table.json``, ``table.md`` and ``table.csv``; PNGs go to ``official_dir/<name>/``. ``protocol``
+    applies to every dataset (``auto``: each its own). With ``tracking_uri``: one MLflow run with the metrics
+    as ``<name>/<metric>``, the files as artifacts under ``eval/`` and the table through ``log_table``.
+    """
+    from pipeline import storage
+    from segvlm.inference import check_threshold
+
+    if not datasets:
+        raise ValueError("no dataset to evaluate")
+    for name in datasets:
+        if (error := dataset_name_error(name)) is not None:
+            raise ValueError(error)
+    if threshold is not None:
+        threshold = check_threshold(threshold)
+    checkpoint, out = _absolute(checkpoint), _absolute(out)
+    official_dir = _absolute(official_dir) if official_dir else None
+    _check_outputs(checkpoint, out, official_dir)
+    locations = {name: _absolute(data) for name, data in datasets.items()}
+    protocols = {name: _resolve_protocol(protocol, data, split) for name, data in locations.items()}
+    payloads = _evaluate_on_ray(
+        checkpoint,
+        [
+            {"data": data, "official_dir": storage.join(official_dir, name) if official_dir else None}
+            for name, data in locations.items()
+        ],
+        split=split,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        use_gpu=use_gpu,
+        ray_address=ray_address,
+        threshold=threshold,
+    )
+    reports: dict[str, dict[str, Any]] = {}
+    files: dict[str, str] = {}  # relative path -> text
+    for name, payload in zip(locations, payloads):
+        reports[name], own = _report_files(payload, protocols[name])
+        files |= {f"{name}/{filename}": text for filename, text in own.items()}
+    table = cross_dataset_table(reports)
+    files |= table_files(table)  # last: a table present means every report beside it is complete
+    for relative, text in files.items():
+        storage.write_bytes(storage.join(out, *relative.split("/")), text.encode())
+    if tracking_uri is not None:
+        with tempfile.TemporaryDirectory(prefix="segvlm-eval-table-") as tmp:
+            for relative, text in files.items():
+                Path(tmp, relative).parent.mkdir(parents=True, exist_ok=True)
+                Path(tmp, relative).write_text(text)
+            with _tracking_logger(tracking_uri, experiment, out, run_id, checkpoint) as logger:
+                logger.log_params(
+                    {f"eval/{name}/data": data for name, data in locations.items()}
+                    | {f"eval/{name}/protocol": p for name, p in protocols.items()}
+                    | {"eval/checkpoint": checkpoint, "eval/split": split}
+                )
+                logger.log_metrics(
+                    {
+                        f"{name}/{k}": v
+                        for name, report in reports.items()
+                        for k, v in _metric_values(report).items()
+                    },
+                    step=0,
+                )
+                logger.log_artifacts(tmp, "eval")
+                columns = table["columns"]
+                logger.log_table(
+                    {c: [row.get(c) for row in table["rows"]] for c in columns}, "eval_table.json"
+                )
+    return table
 
 
 def _absolute(location: str) -> str:
@@ -225,15 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
         "standard AWS environment: AWS_ENDPOINT_URL, credentials, AWS_REGION).",
     )
     parser.add_argument("--checkpoint", required=True, help="a segvlm checkpoint folder (local or s3://...)")
-    parser.add_argument("--data", required=True, help="shard folder or URI written by `segvlm prepare`")
-    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="shard folder or URI written by `segvlm prepare`; or NAME=LOCATION, repeated, to evaluate "
+        "several datasets into one table (NAME: letters, digits, _ and -; it names OUT/NAME/)",
+    )
+    parser.add_argument("--split", default="test", help="the split of every dataset (default: test)")
+    parser.add_argument(
+        "--protocol",
+        default="auto",
+        choices=("auto", "phrasecut", "refcoco", "grefcoco"),
+        help="the protocol a report leads with (default auto: from the shards' dataset; refcoco for "
+        "RefCOCO/+/g, grefcoco for gRefCOCO, else phrasecut)",
+    )
     parser.add_argument(
         "--out",
         default=None,
-        help="where report.json, report.md and pr_curve.json go (default: beside the checkpoint, "
+        help="where report.json, report.md and pr_curve.json go (several datasets: OUT/NAME/ each, and "
+        "table.json, table.md, table.csv) (default: beside the checkpoint, "
         "<checkpoint parent>/eval-<checkpoint name>-<split>; never inside the checkpoint)",
     )
-    parser.add_argument("--official-dir", default=None, help="also write {task_id}.png per task here")
+    parser.add_argument(
+        "--official-dir", default=None, help="also write {task_id}.png per task here (several: DIR/NAME/)"
+    )
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
@@ -262,6 +541,10 @@ def argument_error(args: argparse.Namespace) -> str | None:
             return f"checkpoint not found: {args.checkpoint}"
     except storage.StorageError as err:
         return f"--checkpoint {err}"
+    try:
+        parse_data(args.data)
+    except ValueError as err:
+        return str(err)
     if args.threshold is not None:
         from segvlm.inference import check_threshold
 
@@ -283,22 +566,26 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out(_absolute(args.checkpoint), args.split)
     from pipeline import storage
 
-    report = run_eval(
-        args.checkpoint,
-        args.data,
-        out=out,
-        split=args.split,
-        official_dir=args.official_dir,
-        num_workers=args.num_workers,
-        batch_size=args.batch_size,
-        use_gpu=args.gpu,
-        ray_address=args.ray_address,
-        tracking_uri=args.tracking_uri,
-        run_id=args.run_id,
-        threshold=args.threshold,
-    )
-    from segvlm.metrics import format_markdown_table
-
-    print(format_markdown_table(report))
+    bare, named = parse_data(args.data)
+    options = {
+        "out": out,
+        "split": args.split,
+        "official_dir": args.official_dir,
+        "num_workers": args.num_workers,
+        "batch_size": args.batch_size,
+        "use_gpu": args.gpu,
+        "ray_address": args.ray_address,
+        "tracking_uri": args.tracking_uri,
+        "run_id": args.run_id,
+        "threshold": args.threshold,
+        "protocol": args.protocol,
+    }
+    if bare is None:
+        table = run_cross_eval(args.checkpoint, named, **options)
+        print(table_files(table)["table.md"])
+        print(f"\ntable: {storage.join(out, 'table.md')}")
+        return 0
+    report = run_eval(args.checkpoint, bare, **options)
+    print(report_markdown(report))
     print(f"\nreport: {storage.join(out, 'report.json')}")
     return 0

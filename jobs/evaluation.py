@@ -25,9 +25,9 @@ from jobs import distributed
 from pipeline.validate import safe_child
 from segvlm.atomic import write_atomic
 from segvlm.inference import overlay, probabilities_to_size
-from segvlm.masks import polygons_at_original_size, rasterize_polygons
+from segvlm.masks import decode_rles, polygons_at_original_size, rasterize_polygons
 from segvlm.metrics import EvalMetrics
-from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from segvlm.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, original_size_mask
 
 
 @dataclasses.dataclass
@@ -111,9 +111,14 @@ def evaluate(
 
     Official metrics and boundary F use the probabilities resized to the original image size and thresholded
     at ``threshold`` (``calibration/*`` scores the same probabilities at other thresholds); the CLIPSeg
-    protocol uses the probabilities at the model's resolution. Tasks of kind
-    ``negative`` (empty target) are counted apart (``official/negative/*``): PhraseCut has none, and the
-    official IoU would score every one of them 0 whatever the prediction.
+    protocol uses the probabilities at the model's resolution. The ground truth is the union of a task's
+    polygons and RLEs at the original size. Every protocol is accumulated (``official/*``, ``clipseg/*``,
+    ``boundary/*``, ``calibration/*``, ``refcoco/*``, ``grefcoco/*``); a report picks the one its dataset is
+    published under. Tasks without a target are counted apart by PhraseCut's protocol
+    (``official/negative/*``: PhraseCut has none, and its IoU would score each 0 whatever the prediction);
+    a dataset's own no-target expressions (gRefCOCO: no target, kind other than ``negative``) are scored by
+    the gRefCOCO protocol, our synthetic negatives (kind ``negative``) are not
+    (``EvalMetrics.update_no_target``).
     """
     device = torch.device(device)
     result = EvalResult(metrics=EvalMetrics(), overlays=[])
@@ -137,12 +142,15 @@ def evaluate(
             pred = (prob_full > threshold).numpy()
             if pngs is not None:
                 pngs.write(task_id, pred)
-            # the official ground truth: polygons (original-image pixels) rasterised at the original size
-            gt = rasterize_polygons(batch["polygons"][i], width, height).astype(bool)
-            if (
-                batch["kind"][i] == "negative"
-            ):  # empty target: scored apart (official/negative/*), see EvalMetrics
-                result.metrics.official.update(pred, gt, phrase_type=None, num_instances=0, negative=True)
+            # the ground truth at the original size: the polygons (already in original-image pixels)
+            # rasterised there ∪ the RLEs (stored at that size)
+            gt = original_size_mask(
+                batch["polygons"][i], width, height, width, height, rles=batch["rles"][i]
+            ).astype(bool)
+            negative = batch["kind"][i] == "negative"
+            if negative or int(batch["num_instances"][i]) == 0:
+                # no target: kept apart by PhraseCut's protocol, scored by gRefCOCO's unless synthetic
+                result.metrics.update_no_target(pred, gt, synthetic=negative)
                 continue
             result.metrics.update(
                 pred,
@@ -204,8 +212,9 @@ def score_official_pngs(
     """Recompute the official metrics from ``{task_id}.png`` files, as the PhraseCut evaluator does.
 
     The evaluator's recipe: read each prediction PNG (non-zero = foreground) at the original image size,
-    rasterise the task's polygons at that size (``segvlm.masks``), accumulate I and U per task. Tasks without
-    a PNG count as empty predictions. Used by the tests to prove ``report.json`` equals it.
+    rasterise the task's polygons at that size (``segvlm.masks``) and add its RLEs, accumulate I and U per
+    task. Tasks without a PNG count as empty predictions; tasks without a target are kept apart, as
+    ``evaluate`` does. Used by the tests to prove ``report.json`` equals it.
     """
     from pipeline.shards import iter_shard_set
     from segvlm.metrics import PhraseCutMetrics
@@ -223,8 +232,8 @@ def score_official_pngs(
             polygons = polygons_at_original_size(
                 task.polygons or [], record.width, record.height, width, height
             )
-            gt = rasterize_polygons(polygons, width, height).astype(bool)
-            negative = task.kind == "negative"
+            gt = rasterize_polygons(polygons, width, height) | decode_rles(task.rles, height, width)
+            negative = task.kind == "negative" or not task.has_target
             metrics.update(
                 pred,
                 gt,

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -82,6 +82,10 @@ class TrackingLogger(Protocol):
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None: ...
 
+    def log_table(self, data: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """A table (``{column: values}``, equal lengths) as MLflow's table artifact (``artifact_file`` ends
+        in ``.json``), which the MLflow UI can show and compare across runs."""
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None: ...
 
     def log_checkpoint_model(
@@ -131,6 +135,9 @@ class DisabledLogger:
         pass
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        pass
+
+    def log_table(self, data: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
         pass
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,11 @@ class MlflowLogger:
         import mlflow
 
         mlflow.log_dict(dict(data), artifact_file)
+
+    def log_table(self, data: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_table({k: list(v) for k, v in data.items()}, artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         import mlflow

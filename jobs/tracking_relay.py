@@ -25,7 +25,7 @@ import os
 import posixpath
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -133,6 +133,7 @@ RELAYED_METHODS: dict[str, tuple[tuple[int, str], ...]] = {
     "log_image": ((1, "key"),),  # MLflow names the image files after the key
     "log_text": ((1, "artifact_file"),),
     "log_dict": ((1, "artifact_file"),),
+    "log_table": ((1, "artifact_file"),),
     "log_artifacts": ((0, "artifact_path"),),  # args[0] after the unpacked folder
     "log_checkpoint_model": (),
     "system_metrics_step": (),
@@ -342,6 +343,9 @@ class RelayedLogger:
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self._call("log_dict", data, artifact_file)
+
+    def log_table(self, data: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        self._call("log_table", data, artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", artifact_path, packed=pack_folder(local_dir))

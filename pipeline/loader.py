@@ -56,13 +56,14 @@ from pipeline.grammar import target_words
 from pipeline.schema import PHRASE_TYPES, ImageRecord, Task
 from pipeline.validate import LOADER_MAX_MEMBER_BYTES, check_sample_sizes
 from segvlm.config import ConfigError
-from segvlm.masks import polygons_at_original_size, rasterize_polygons
+from segvlm.masks import polygons_at_original_size
 from segvlm.preprocess import (
     TokenizeFn,
     crop_resize,
     decode_image,
     normalize_uint8_batch,
     pil_to_uint8_array,
+    region_mask,
     target_mask_array,
 )
 
@@ -380,9 +381,11 @@ def collate_eval(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[str
     masks          B×1×S×S float32, the target at model resolution (same squeeze as the image)
     orig_height, orig_width     B int64: the size the official metrics are computed at
     height, width  B int64: the stored image size
-    polygons       list of B ``[instance][polygon][point] = [x, y]`` in ORIGINAL-image pixels:
-                   ``segvlm.masks.rasterize_polygons(p, orig_width, orig_height)`` is the official GT
-    num_instances  B int64
+    polygons       list of B ``[instance][polygon][point] = [x, y]`` in ORIGINAL-image pixels
+    rles           list of B lists of COCO compressed RLEs at the original size (``Task.rles``); the GT
+                   at the original size is ``rasterize_polygons(polygons, orig_width, orig_height)`` ∪
+                   ``decode_rles(rles, orig_height, orig_width)``
+    num_instances  B int64 (polygons + RLEs; 0: no target)
     phrase, task_id, phrase_type, kind, key: lists of length B
     """
     tokens = tokenizer([it["phrase"] for it in items])
@@ -394,7 +397,7 @@ def collate_eval(items: list[dict[str, Any]], tokenizer: TokenizeFn) -> dict[str
     }
     for name in ("orig_height", "orig_width", "height", "width", "num_instances"):
         out[name] = torch.tensor([it[name] for it in items], dtype=torch.int64)
-    for name in ("polygons", "phrase", "task_id", "phrase_type", "kind", "key"):
+    for name in ("polygons", "rles", "phrase", "task_id", "phrase_type", "kind", "key"):
         out[name] = [it[name] for it in items]
     return out
 
@@ -537,12 +540,13 @@ def _train_items(
             if not chosen:
                 continue
             w, h = int(record.width), int(record.height)
+            orig = (int(record.orig_width or w), int(record.orig_height or h))
             if per_image == 1:
-                boxes = [_crop_box(w, h, [task], cfg, rng) for task in chosen]
+                boxes = [_crop_box(w, h, [task], cfg, rng, orig) for task in chosen]
             else:
                 if len(chosen) > per_image:
                     chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), per_image, replace=False))]
-                boxes = [_crop_box(w, h, chosen, cfg, rng)] * len(chosen)
+                boxes = [_crop_box(w, h, chosen, cfg, rng, orig)] * len(chosen)
             # decode reduced only as far as the smallest crop still has ≥ S source pixels per side
             smallest = min(b[2] - b[0] for b in boxes)
             factor = max(smallest / size, 1.0)
@@ -564,11 +568,7 @@ def _train_items(
                     if flipped:
                         shared = np.ascontiguousarray(shared[:, :, ::-1])
                     group += 1
-                mask = (
-                    target_mask_array(task.polygons, box, size)
-                    if task.polygons
-                    else np.zeros((size, size), np.uint8)
-                )
+                mask = _target_mask(task, box, size, (w, h), orig, where=_where(sample))
                 words = _target_words(task)
                 if flipped:
                     mask = np.ascontiguousarray(mask[:, ::-1])
@@ -592,12 +592,57 @@ def _train_items(
             errors(exn)
 
 
+def _where(sample: dict[str, Any]) -> str:
+    return f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r}"
+
+
+def _target_mask(
+    task: Task,
+    box: tuple[float, float, float, float],
+    size: int,
+    stored: tuple[int, int],
+    original: tuple[int, int],
+    *,
+    where: str,
+) -> np.ndarray:
+    """``task``'s target (polygons ∪ RLEs) inside ``box`` at ``size × size``: S×S uint8, empty without a
+    target. A target that does not fit its record (an RLE of another size, a malformed RLE) raises a
+    ValueError naming ``where`` (sample and shard), the task and the reason."""
+    if not task.has_target:
+        return np.zeros((size, size), np.uint8)
+    try:
+        return target_mask_array(
+            task.polygons, box, size, rles=task.rles, stored_size=stored, original_size=original
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where}, task {task.task_id!r}: bad target: {err!r}") from err
+
+
 def _crop_box(
-    width: int, height: int, tasks: list[Task], cfg: DataConfig, rng: np.random.Generator
+    width: int,
+    height: int,
+    tasks: list[Task],
+    cfg: DataConfig,
+    rng: np.random.Generator,
+    original: tuple[int, int],
 ) -> tuple[int, int, int, int]:
-    """A random square crop keeping ``min_object_fraction`` of the union of the tasks' targets."""
+    """A random square crop keeping ``min_object_fraction`` of the union of the tasks' targets (polygons and
+    RLEs; ``original`` = the original image's width, height, the size of the RLEs)."""
     instances = [instance for task in tasks for instance in task.polygons]
-    obj = rasterize_polygons(instances, width, height) if instances else None
+    rles = [rle for task in tasks for rle in task.rles]
+    obj = (
+        region_mask(
+            instances,
+            (0, 0, width, height),
+            width,
+            height,
+            rles=rles,
+            stored_size=(width, height),
+            original_size=original,
+        )
+        if instances or rles
+        else None
+    )
     return random_object_crop(
         width, height, obj, rng=rng, min_object_fraction=cfg.min_object_fraction, scale=cfg.crop_scale
     )
@@ -848,15 +893,17 @@ def _eval_items(
         ow, oh = int(record.orig_width or w), int(record.orig_height or h)
         for task in record.tasks:
             polygons = polygons_at_original_size(task.polygons or [], w, h, ow, oh)
+            mask = _target_mask(task, (0, 0, w, h), size, (w, h), (ow, oh), where=_where(sample))
             yield {
                 "pixels": pixels,
-                "mask": target_mask_array(task.polygons or [], (0, 0, w, h), size)[None],
+                "mask": mask[None],
                 "orig_height": oh,
                 "orig_width": ow,
                 "height": h,
                 "width": w,
                 "polygons": polygons,
-                "num_instances": task.num_instances if task.polygons else 0,
+                "rles": task.rles,
+                "num_instances": task.num_instances,
                 "phrase": task.phrase,
                 "task_id": task.task_id,
                 "phrase_type": task.phrase_type,

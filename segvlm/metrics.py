@@ -1,4 +1,5 @@
-"""Evaluation metrics: the official PhraseCut protocol, the CLIPSeg protocol and a DAVIS-style boundary F-score.
+"""Evaluation metrics: the official PhraseCut protocol, the CLIPSeg protocol, the RefCOCO and gRefCOCO
+referring-segmentation protocols and a DAVIS-style boundary F-score.
 
 Every metric accumulates **sums only** (intersections, unions, TP/FP/FN per threshold, per-task sums, counts),
 so results from several ranks combine with one ``all_reduce(SUM)`` of :meth:`Metric.to_vector` followed by
@@ -12,7 +13,7 @@ tensors or arrays in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,19 +23,28 @@ from segvlm.vocabulary import PHRASE_TYPES
 
 __all__ = [
     "CLIPSEG_THRESHOLDS",
+    "HEADLINE_METRICS",
     "OFFICIAL_PR_THRESHOLDS",
     "PHRASE_TYPES",
+    "PROTOCOLS",
+    "PROTOCOL_GROUPS",
+    "SOURCE_PROTOCOLS",
     "SWEEP_THRESHOLDS",
     "BoundaryFScore",
     "ClipSegMetrics",
     "EvalMetrics",
+    "GRefCocoMetrics",
     "Metric",
     "PhraseCutMetrics",
+    "RefCocoMetrics",
     "ThresholdSweep",
     "boundary_f_score",
     "counts_above_thresholds",
+    "format_dataset_table",
     "format_markdown_table",
+    "lead_with_protocol",
     "official_iou",
+    "protocol_for_source",
     "seg2bmap",
     "simpson_avg",
 ]
@@ -451,6 +461,139 @@ class ClipSegMetrics(Metric):
         }
 
 
+# ------------------------------------------------------------------------------ RefCOCO and gRefCOCO
+def _intersection_union(pred: Any, gt: Any) -> tuple[int, int, int, int]:
+    """``(I, U, |pred|, |gt|)`` of two H×W masks of the same size."""
+    pred, gt = _as_bool(pred), _as_bool(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
+    return (
+        int(np.count_nonzero(pred & gt)),
+        int(np.count_nonzero(pred | gt)),
+        int(np.count_nonzero(pred)),
+        int(np.count_nonzero(gt)),
+    )
+
+
+class RefCocoMetrics(Metric):
+    """The RefCOCO / RefCOCO+ / RefCOCOg referring-segmentation protocol, at the original image size.
+
+    Per task ``I = |pred ∧ gt|``, ``U = |pred ∨ gt|``, IoU = I / U. Reported (``refcoco/…``):
+
+    * ``overall_iou``: ΣI / ΣU over tasks (the "overall" or cumulative IoU of LAVT, CRIS and ReLA's tables);
+    * ``mean_iou``: the mean of the per-task IoUs;
+    * ``pr@t`` for t ∈ 0.5…0.9: the share of tasks with IoU **>= t**, as the common codebases count it
+      (LAVT ``seg_correct += (this_iou >= eval_seg_iou)``, CRIS alike) — unlike PhraseCut's strict ``>``;
+    * ``count``: the tasks scored.
+
+    A task whose target is empty is not part of this protocol (IoU is undefined for it); it is only counted,
+    in ``refcoco/no_target_count``. Undefined values are ``nan``; the keys are fixed.
+    """
+
+    def __init__(self, pr_thresholds: Iterable[float] = OFFICIAL_PR_THRESHOLDS) -> None:
+        self.pr_thresholds = tuple(float(t) for t in pr_thresholds)
+        super().__init__()
+
+    def _empty_state(self) -> dict[str, np.ndarray]:
+        return {
+            "count": np.zeros(1),
+            "iou_sum": np.zeros(1),
+            "intersection": np.zeros(1),
+            "union": np.zeros(1),
+            "pr_hits": np.zeros(len(self.pr_thresholds)),
+            "no_target": np.zeros(1),
+        }
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> float:
+        """Add one task (H×W bool masks of the same size). Returns its IoU, ``nan`` for an empty target."""
+        intersection, union, _, gt_area = _intersection_union(pred, gt)
+        if gt_area == 0:
+            self._state["no_target"] += 1
+            return math.nan
+        iou = intersection / union
+        st = self._state
+        st["count"] += 1
+        st["iou_sum"] += iou
+        st["intersection"] += intersection
+        st["union"] += union
+        st["pr_hits"] += np.array([iou >= t for t in self.pr_thresholds], dtype=np.float64)
+        return iou
+
+    def compute(self) -> dict[str, float]:
+        st = self._state
+        count = float(st["count"][0])
+        out = {
+            "refcoco/overall_iou": float(st["intersection"][0] / st["union"][0]) if count else math.nan,
+            "refcoco/mean_iou": float(st["iou_sum"][0] / count) if count else math.nan,
+        }
+        for j, t in enumerate(self.pr_thresholds):
+            out[f"refcoco/pr@{t:g}"] = float(st["pr_hits"][j] / count) if count else math.nan
+        out["refcoco/count"] = count
+        out["refcoco/no_target_count"] = float(st["no_target"][0])
+        return out
+
+
+class GRefCocoMetrics(Metric):
+    """The gRefCOCO protocol (generalised referring expressions: one, several or no target), as the
+    ReLA / gRefCOCO evaluator (``ReferEvaluator``) computes it, at the original image size.
+
+    Per task ``I``, ``U`` and an IoU:
+
+    * no-target task (empty ground truth): an empty prediction is an N-acc hit and scores IoU **1**, adding
+      0 to ΣI and ΣU; a non-empty prediction is an N-acc miss, scores IoU 0, and its area (= U) is added to
+      ΣU;
+    * targeted task: an empty prediction is a T-acc miss (a non-empty one a hit); IoU = I / U, I and U
+      are added to ΣI and ΣU.
+
+    Reported (``grefcoco/…``): ``giou`` = mean of the per-task IoUs over all tasks; ``ciou`` = ΣI / ΣU
+    over all tasks; ``n_acc`` = hits / no-target tasks; ``t_acc`` = non-empty predictions / targeted tasks;
+    ``count`` (all tasks) and ``no_target_count``. ReLA decides "no target" with a classification head; a
+    model that only predicts masks says "no target" with an empty mask, which is what is scored here.
+    Undefined values are ``nan``; the keys are fixed.
+    """
+
+    def _empty_state(self) -> dict[str, np.ndarray]:
+        return {
+            "count": np.zeros(1),
+            "iou_sum": np.zeros(1),
+            "intersection": np.zeros(1),
+            "union": np.zeros(1),
+            "no_target": np.zeros(2),  # [tasks, predicted empty]
+            "target": np.zeros(2),  # [tasks, predicted non-empty]
+        }
+
+    def update(self, pred: np.ndarray, gt: np.ndarray) -> float:
+        """Add one task (H×W bool masks of the same size). Returns its IoU under this protocol."""
+        intersection, union, pred_area, gt_area = _intersection_union(pred, gt)
+        st = self._state
+        if gt_area == 0:
+            hit = pred_area == 0
+            iou = 1.0 if hit else 0.0
+            st["no_target"] += (1.0, float(hit))
+        else:
+            iou = intersection / union
+            st["target"] += (1.0, float(pred_area > 0))
+        st["count"] += 1
+        st["iou_sum"] += iou
+        st["intersection"] += intersection
+        st["union"] += union  # for an empty target, U is the predicted area
+        return iou
+
+    def compute(self) -> dict[str, float]:
+        st = self._state
+        count = float(st["count"][0])
+        (nt_count, nt_hits), (t_count, t_hits) = st["no_target"], st["target"]
+        return {
+            "grefcoco/giou": float(st["iou_sum"][0] / count) if count else math.nan,
+            # ΣU = 0 (only no-target tasks, all predicted empty): cIoU is undefined
+            "grefcoco/ciou": float(st["intersection"][0] / st["union"][0]) if st["union"][0] else math.nan,
+            "grefcoco/n_acc": float(nt_hits / nt_count) if nt_count else math.nan,
+            "grefcoco/t_acc": float(t_hits / t_count) if t_count else math.nan,
+            "grefcoco/count": count,
+            "grefcoco/no_target_count": float(nt_count),
+        }
+
+
 # -------------------------------------------------------------------------------------- boundary F
 def seg2bmap(seg: np.ndarray) -> np.ndarray:
     """1-px boundary map of a binary mask (…×H×W), as DAVIS's ``seg2bmap`` (D. Martin, BSDS; used by
@@ -625,7 +768,8 @@ class BoundaryFScore(Metric):
 
 # ------------------------------------------------------------------------------------------ bundle
 class EvalMetrics(Metric):
-    """The three metrics together, with one state vector for a single all-reduce.
+    """Every metric together (PhraseCut official, CLIPSeg, boundary F, the threshold sweep, RefCOCO and
+    gRefCOCO), with one state vector for a single all-reduce.
 
     ``update`` takes one task at the original size (official + boundary) and, optionally, its 352²
     probability map and GT for the CLIPSeg protocol; ``update_clipseg`` takes whole batches of the latter.
@@ -642,6 +786,8 @@ class EvalMetrics(Metric):
         self.clipseg = ClipSegMetrics(report_threshold=clipseg_threshold)
         self.boundary = BoundaryFScore(boundary_tolerance_px, boundary_tolerance_diag)
         self.calibration = ThresholdSweep()
+        self.refcoco = RefCocoMetrics()
+        self.grefcoco = GRefCocoMetrics()
         super().__init__()
 
     @property
@@ -651,6 +797,8 @@ class EvalMetrics(Metric):
             "clipseg": self.clipseg,
             "boundary": self.boundary,
             "calibration": self.calibration,
+            "refcoco": self.refcoco,
+            "grefcoco": self.grefcoco,
         }
 
     def _empty_state(self) -> dict[str, np.ndarray]:
@@ -705,10 +853,15 @@ class EvalMetrics(Metric):
         prob_full: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         """One task: binary ``pred``/``gt`` (H×W, original size), optionally ``prob``/``prob_gt`` (352²) for the
-        CLIPSeg protocol and ``prob_full`` (H×W probabilities ``pred`` was thresholded from) for the sweep."""
+        CLIPSeg protocol and ``prob_full`` (H×W probabilities ``pred`` was thresholded from) for the sweep.
+        The RefCOCO and gRefCOCO protocols score it too, unless it is a negative (``negative=True``); a task
+        without a target goes to :meth:`update_no_target`."""
         self.official.update(
             pred, gt, phrase_type=phrase_type, num_instances=num_instances, negative=negative
         )
+        if not negative:
+            self.refcoco.update(pred, gt)
+            self.grefcoco.update(pred, gt)
         self.boundary.update(pred, gt)
         if prob_full is not None and not negative:
             self.calibration.update(prob_full, gt)
@@ -716,6 +869,19 @@ class EvalMetrics(Metric):
             if prob_gt is None:
                 raise ValueError("prob needs prob_gt (the ground truth at the probability map's resolution)")
             self.clipseg.update(prob, prob_gt)
+
+    def update_no_target(self, pred: np.ndarray, gt: np.ndarray, *, synthetic: bool) -> None:
+        """One task without a target (``gt`` H×W, empty; ``pred`` H×W, original size).
+
+        PhraseCut's protocol keeps it apart (``official/negative/*``), for every such task. A dataset's own
+        no-target expression (a gRefCOCO one: ``synthetic=False``) is also scored by the gRefCOCO protocol
+        and counted by the RefCOCO one; our synthetic negative prompts (kind ``negative``) are not, so they
+        never change a published protocol's numbers. Boundary F, CLIPSeg and the sweep skip it.
+        """
+        self.official.update(pred, gt, phrase_type=None, num_instances=0, negative=True)
+        if not synthetic:
+            self.refcoco.update(pred, gt)
+            self.grefcoco.update(pred, gt)
 
     def update_clipseg(self, prob: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> None:
         self.clipseg.update(prob, gt)
@@ -728,6 +894,48 @@ class EvalMetrics(Metric):
 
 
 # ------------------------------------------------------------------------------------------ report
+PROTOCOLS: tuple[str, ...] = ("phrasecut", "refcoco", "grefcoco")
+# each protocol's metric group in a report, and its headline metrics (the columns of a cross-dataset table)
+PROTOCOL_GROUPS: dict[str, str] = {"phrasecut": "official", "refcoco": "refcoco", "grefcoco": "grefcoco"}
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "phrasecut": (
+        "official/mean_iou",
+        "official/cum_iou",
+        *(f"official/pr@{t:g}" for t in OFFICIAL_PR_THRESHOLDS),
+        "official/count",
+    ),
+    "refcoco": (
+        "refcoco/overall_iou",
+        "refcoco/mean_iou",
+        *(f"refcoco/pr@{t:g}" for t in OFFICIAL_PR_THRESHOLDS),
+        "refcoco/count",
+    ),
+    "grefcoco": ("grefcoco/giou", "grefcoco/ciou", "grefcoco/n_acc", "grefcoco/t_acc", "grefcoco/count"),
+}
+# ImageRecord.source -> the protocol its benchmark is published under; any other source: PhraseCut's
+SOURCE_PROTOCOLS: dict[str, str] = {
+    "refcoco": "refcoco",
+    "refcoco+": "refcoco",
+    "refcocog": "refcoco",
+    "grefcoco": "grefcoco",
+}
+
+
+def protocol_for_source(source: str) -> str:
+    """The protocol a dataset is scored by: ``refcoco`` for RefCOCO/+/g, ``grefcoco``, else ``phrasecut``."""
+    return SOURCE_PROTOCOLS.get(source, "phrasecut")
+
+
+def lead_with_protocol(metrics: Mapping[str, Any], protocol: str) -> dict[str, Any]:
+    """``metrics`` reordered so that the protocol's group comes first (what a report table shows on top);
+    other keys keep their order."""
+    if protocol not in PROTOCOL_GROUPS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    prefix = PROTOCOL_GROUPS[protocol] + "/"
+    first = {k: v for k, v in metrics.items() if k.startswith(prefix)}
+    return first | {k: v for k, v in metrics.items() if k not in first}
+
+
 def _format_value(column: str, value: float, digits: int, percent: bool) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -772,3 +980,28 @@ def format_markdown_table(metrics: Mapping[str, float], *, digits: int = 4, perc
             lines.append("| " + " | ".join([row, *cells]) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def format_dataset_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, digits: int = 4
+) -> str:
+    """One markdown table, a row per dataset (a cross-dataset evaluation): ``rows`` are dicts with the
+    ``columns`` as keys (text columns such as ``dataset`` as they are; metrics formatted as in
+    :func:`format_markdown_table`, a count by the last part of its name). A column a row lacks is an
+    empty cell, an undefined metric (``nan``/``None``) "–"."""
+
+    def cell(row: Mapping[str, Any], column: str) -> str:
+        if column not in row:
+            return ""
+        value = row[column]
+        if isinstance(value, str):
+            return value
+        name = column.rsplit("/", 1)[-1]
+        return _format_value(name, math.nan if value is None else float(value), digits, False)
+
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

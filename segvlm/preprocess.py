@@ -11,19 +11,23 @@ Pure PIL/numpy/torch. Conventions:
 * The image is resampled with PIL's ``resize(..., box=...)`` and the target is rasterised directly at the
   output resolution from the polygons (``segvlm.masks.rasterize_polygons`` with scale/offset), so both use
   the same map ``x_out = (x - x0) * S / (x1 - x0)`` and stay aligned without resampling a mask.
+* A target is the union of its polygons and its COCO RLEs. RLEs are masks at the *original* size
+  (``orig_height × orig_width``), so the box is mapped into original pixels (``× orig / stored`` per axis)
+  and each output pixel takes the RLE pixel under its centre (nearest, PIL's convention): the same map as
+  the image's, so an RLE target stays aligned with the pixels too.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from segvlm.masks import rasterize_polygons
+from segvlm.masks import decode_rles, rasterize_polygons
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -39,6 +43,7 @@ __all__ = [
     "original_size_mask",
     "pil_to_uint8_array",
     "pil_to_uint8_tensor",
+    "region_mask",
     "resize_and_normalize",
     "target_mask",
     "target_mask_array",
@@ -49,6 +54,7 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), half-open, stored-image pixels
 Polygons = Sequence[Sequence[Sequence[Sequence[float]]]]  # [instance][polygon][point] = [x, y]
+Rles = Sequence[Mapping[str, Any]]  # COCO compressed RLEs {"size": [orig_h, orig_w], "counts": str}
 
 
 class TokenizeFn(Protocol):
@@ -154,18 +160,64 @@ def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- targets
 
 
-def target_mask_array(polygons: Polygons, box: Box, size: int) -> np.ndarray:
-    """The union of ``polygons`` (stored-image pixels) inside ``box``, rasterised at ``size × size``:
-    ``S×S`` uint8 in {0, 1}. The box must be square for the result to be undistorted; any box works."""
+def region_mask(
+    polygons: Polygons,
+    box: Box,
+    out_width: int,
+    out_height: int,
+    *,
+    rles: Rles = (),
+    stored_size: tuple[int, int] | None = None,
+    original_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The target (polygons ∪ RLEs) inside ``box`` at ``out_height × out_width``: H×W uint8 in {0, 1}.
+
+    ``polygons`` are in stored-image pixels and are rasterised directly at the output size. ``rles`` are at
+    the original size; with them, ``stored_size`` and ``original_size`` (each ``(width, height)``, from the
+    record) map the box into original pixels, and an RLE of another size is refused (``ValueError``: the
+    record is inconsistent, and a hostile size must not choose what is allocated). Without RLEs the result
+    is exactly the polygon raster.
+    """
     x0, y0, x1, y1 = (float(v) for v in box)
-    return rasterize_polygons(
+    mask = rasterize_polygons(
         polygons,
-        size,
-        size,
-        scale_x=size / (x1 - x0),
-        scale_y=size / (y1 - y0),
+        out_width,
+        out_height,
+        scale_x=out_width / (x1 - x0),
+        scale_y=out_height / (y1 - y0),
         offset_x=x0,
         offset_y=y0,
+    )
+    if not rles:
+        return mask
+    if stored_size is None or original_size is None:
+        raise ValueError("a target with RLEs needs stored_size and original_size (width, height)")
+    orig_w, orig_h = (int(v) for v in original_size)
+    full = decode_rles(rles, orig_h, orig_w)
+    scale_x, scale_y = orig_w / stored_size[0], orig_h / stored_size[1]
+    # the original pixel under each output pixel's centre; outside the image: background
+    cols = np.floor((x0 + (np.arange(out_width) + 0.5) * (x1 - x0) / out_width) * scale_x).astype(np.int64)
+    rows = np.floor((y0 + (np.arange(out_height) + 0.5) * (y1 - y0) / out_height) * scale_y).astype(np.int64)
+    keep_c, keep_r = (cols >= 0) & (cols < orig_w), (rows >= 0) & (rows < orig_h)
+    sampled = np.zeros_like(mask)
+    sampled[np.ix_(keep_r, keep_c)] = full[np.ix_(rows[keep_r], cols[keep_c])]
+    return mask | sampled
+
+
+def target_mask_array(
+    polygons: Polygons,
+    box: Box,
+    size: int,
+    *,
+    rles: Rles = (),
+    stored_size: tuple[int, int] | None = None,
+    original_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The union of ``polygons`` (stored-image pixels) and ``rles`` (original size, see ``region_mask``)
+    inside ``box``, at ``size × size``: ``S×S`` uint8 in {0, 1}. The box must be square for the result to be
+    undistorted; any box works."""
+    return region_mask(
+        polygons, box, size, size, rles=rles, stored_size=stored_size, original_size=original_size
     )
 
 
@@ -174,17 +226,30 @@ def target_mask(polygons: Polygons, box: Box, size: int) -> torch.Tensor:
     return torch.from_numpy(target_mask_array(polygons, box, size).astype(np.float32)).unsqueeze(0)
 
 
-def eval_target_mask(polygons: Polygons, width: int, height: int, size: int) -> torch.Tensor:
+def eval_target_mask(
+    polygons: Polygons,
+    width: int,
+    height: int,
+    size: int,
+    *,
+    rles: Rles = (),
+    original_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """The target matching ``eval_transform``: the whole ``width × height`` image squeezed to ``S×S``;
     ``1×S×S`` float32."""
-    return target_mask(polygons, (0.0, 0.0, float(width), float(height)), size)
+    box = (0.0, 0.0, float(width), float(height))
+    mask = target_mask_array(
+        polygons, box, size, rles=rles, stored_size=(width, height), original_size=original_size
+    )
+    return torch.from_numpy(mask.astype(np.float32)).unsqueeze(0)
 
 
 def original_size_mask(
-    polygons: Polygons, width: int, height: int, orig_width: int, orig_height: int
+    polygons: Polygons, width: int, height: int, orig_width: int, orig_height: int, *, rles: Rles = ()
 ) -> np.ndarray:
-    """Ground truth at the original image size (``orig_height × orig_width`` uint8), what the PhraseCut
-    metrics use, from polygons given in stored-image pixels (``width × height``)."""
-    return rasterize_polygons(
+    """Ground truth at the original image size (``orig_height × orig_width`` uint8), what the metrics use:
+    polygons given in stored-image pixels (``width × height``) rasterised there, ∪ the decoded ``rles``."""
+    mask = rasterize_polygons(
         polygons, orig_width, orig_height, scale_x=orig_width / width, scale_y=orig_height / height
     )
+    return (mask | decode_rles(rles, orig_height, orig_width)) if rles else mask

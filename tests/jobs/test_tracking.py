@@ -107,6 +107,7 @@ def _log_everything(relay: Any, settings: dict[str, Any], artifact_dir: str) -> 
         logger.log_figure(figure, "val/pr_curve_step0000003.png")
         logger.log_text("hello from the worker\n", "notes/hello.txt")
         logger.log_dict({"iou": 0.5}, "val/report.json")
+        logger.log_table({"dataset": ["a", "b"], "giou": [0.5, None]}, "eval_table.json")
         logger.log_artifacts(artifact_dir, "eval_test")
         logger.set_tags({"worker_pid": os.getpid()})
         time.sleep(2.5)  # a few system-metric samples (interval 1 s, from the task's environment)
@@ -157,6 +158,8 @@ def test_a_ray_task_logs_everything_through_the_relay(relay, tmp_path: Path) -> 
     assert (root / "eval_test" / "report.json").read_text() == '{"official/mean_iou": 0.5}'
     assert (root / "eval_test" / "pngs" / "task-1.png").read_bytes() == b"\x89PNG fake"
     assert any(p.suffix == ".png" for p in (root / "images").iterdir()), "log_image wrote no image"
+    table = json.loads((root / "eval_table.json").read_text())
+    assert table["columns"] == ["dataset", "giou"] and table["data"][0] == ["a", 0.5]
 
 
 def _start_and_die(relay: Any, settings: dict[str, Any]) -> str:
@@ -283,6 +286,7 @@ with RunLogger(enabled=False, workdir={str(tmp_path / "work")!r}, run_id="r1", s
     logger.log_figure(None, "f.png")
     logger.log_text("t", "t.txt")
     logger.log_dict({{}}, "d.json")
+    logger.log_table({{"a": [1]}}, "t.json")
     logger.log_artifacts({str(tmp_path / "ckpt")!r}, "x")
     assert logger.log_checkpoint_model({str(tmp_path / "ckpt")!r}, "name") is None
     logger.end("FAILED")
@@ -327,6 +331,7 @@ def test_the_direct_logger_logs_a_run_and_finds_the_system_step(tmp_path: Path) 
             logger.log_metrics({"system/cpu_utilization_percentage": 10.0 * step}, step=step)
         logger.log_figure(figure, "val/pr.png")
         logger.log_dict({"iou": 0.5}, "val/report.json")
+        logger.log_table({"dataset": ["a", "b"], "giou": [0.5, 0.25]}, "val/table.json")
         assert logger.system_metrics_step() == 3
         assert logger.system_metrics_step("system/node-1/") == 0
     # a resumed run: params it has are kept, new ones added
@@ -344,6 +349,8 @@ def test_the_direct_logger_logs_a_run_and_finds_the_system_step(tmp_path: Path) 
     root = Path(client.download_artifacts(run.info.run_id, "val", str(tmp_path / "download")))
     assert (root / "pr.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert json.loads((root / "report.json").read_text()) == {"iou": 0.5}
+    table = json.loads((root / "table.json").read_text())
+    assert table == {"columns": ["dataset", "giou"], "data": [["a", 0.5], ["b", 0.25]]}
 
 
 def test_the_system_metrics_sampler_logs_mlflow_names_at_consecutive_steps() -> None:

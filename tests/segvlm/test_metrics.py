@@ -13,15 +13,22 @@ from jobs.common import to_json
 from segvlm.masks import rasterize_polygons
 from segvlm.metrics import (
     CLIPSEG_THRESHOLDS,
+    HEADLINE_METRICS,
+    PROTOCOLS,
     SWEEP_THRESHOLDS,
     BoundaryFScore,
     ClipSegMetrics,
     EvalMetrics,
+    GRefCocoMetrics,
     PhraseCutMetrics,
+    RefCocoMetrics,
     ThresholdSweep,
     boundary_f_score,
+    format_dataset_table,
     format_markdown_table,
+    lead_with_protocol,
     official_iou,
+    protocol_for_source,
     seg2bmap,
     simpson_avg,
 )
@@ -367,3 +374,127 @@ def test_format_markdown_table() -> None:
     from_json = json.loads(to_json(m.compute()))
     assert from_json["official/negative/empty_rate"] is None
     assert format_markdown_table(from_json) == format_markdown_table(m.compute())
+
+
+# ------------------------------------------------------------------------------ RefCOCO and gRefCOCO
+def test_refcoco_protocol_hand_case_and_pr_boundary() -> None:
+    m = RefCocoMetrics()
+    gt = mask(10, 10, [(0, x) for x in range(4)])  # 4 px
+    assert m.update(mask(10, 10, [(0, 0), (0, 1)]), gt) == 0.5  # I = 2, U = 4: exactly 0.5
+    gt2 = mask(10, 10, [(1, x) for x in range(5)])  # 5 px
+    pred2 = mask(10, 10, [(1, x) for x in range(3)] + [(2, 0)])  # I = 3, U = 6
+    assert m.update(pred2, gt2) == 0.5
+    gt3 = mask(10, 10, [(3, x) for x in range(10)])  # 10 px
+    assert m.update(gt3, gt3) == 1.0  # I = U = 10
+    assert math.isnan(m.update(mask(10, 10, [(9, 9)]), np.zeros((10, 10), bool)))  # no target: apart
+    r = m.compute()
+    assert r["refcoco/count"] == 3 and r["refcoco/no_target_count"] == 1
+    assert r["refcoco/mean_iou"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert r["refcoco/overall_iou"] == pytest.approx((2 + 3 + 10) / (4 + 6 + 10))  # ΣI / ΣU = 15/20
+    assert r["refcoco/pr@0.5"] == 1.0  # IoU >= t: the two tasks at exactly 0.5 count
+    assert r["refcoco/pr@0.6"] == pytest.approx(1 / 3) and r["refcoco/pr@0.9"] == pytest.approx(1 / 3)
+    # 0.6 exactly (I = 3, U = 5) counts at 0.6 too
+    m2 = RefCocoMetrics()
+    m2.update(mask(10, 10, [(1, x) for x in range(3)]), gt2)
+    assert m2.compute()["refcoco/pr@0.6"] == 1.0 and m2.compute()["refcoco/pr@0.7"] == 0.0
+    empty = RefCocoMetrics().compute()
+    assert math.isnan(empty["refcoco/overall_iou"]) and math.isnan(empty["refcoco/pr@0.5"])
+    assert empty.keys() == r.keys()
+
+
+def test_grefcoco_protocol_hand_case() -> None:
+    empty = np.zeros((6, 6), bool)
+    m = GRefCocoMetrics()
+    assert m.update(empty, empty) == 1.0  # no target, predicted empty: N-acc hit, IoU 1, adds I = U = 0
+    assert m.update(mask(6, 6, [(0, 0), (0, 1), (0, 2)]), empty) == 0.0  # N-acc miss, U += 3
+    gt = mask(6, 6, [(2, x) for x in range(4)])  # 4 px
+    assert m.update(mask(6, 6, [(2, 0), (2, 1)]), gt) == 0.5  # T-acc hit, I = 2, U = 4
+    gt2 = mask(6, 6, [(4, x) for x in range(5)])  # 5 px
+    assert m.update(empty, gt2) == 0.0  # T-acc miss: I = 0, U = 5
+    r = m.compute()
+    assert r["grefcoco/giou"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    assert r["grefcoco/ciou"] == pytest.approx((0 + 0 + 2 + 0) / (0 + 3 + 4 + 5))
+    assert r["grefcoco/n_acc"] == 0.5 and r["grefcoco/t_acc"] == 0.5
+    assert r["grefcoco/count"] == 4 and r["grefcoco/no_target_count"] == 2
+    # only empty/empty: gIoU 1, N-acc 1; cIoU (ΣU = 0) and T-acc (no targeted task) undefined
+    only = GRefCocoMetrics()
+    only.update(empty, empty)
+    o = only.compute()
+    assert o["grefcoco/giou"] == 1.0 and o["grefcoco/n_acc"] == 1.0
+    assert math.isnan(o["grefcoco/ciou"]) and math.isnan(o["grefcoco/t_acc"])
+    assert o.keys() == r.keys()
+    with pytest.raises(ValueError, match="differ in size"):
+        m.update(np.zeros((3, 3), bool), np.zeros((3, 4), bool))
+
+
+def test_protocols_merge_and_vector_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    tasks = []
+    for i in range(12):
+        gt = (rng.random((8, 9)) > 0.6) if i % 3 else np.zeros((8, 9), bool)  # every third: no target
+        pred = (gt ^ (rng.random((8, 9)) > 0.8)) if i % 4 else np.zeros((8, 9), bool)
+        tasks.append((pred, gt))
+    for cls in (RefCocoMetrics, GRefCocoMetrics):
+        full, first, second = cls(), cls(), cls()
+        for i, (pred, gt) in enumerate(tasks):
+            full.update(pred, gt)
+            (first if i < 5 else second).update(pred, gt)
+        summed = cls().from_vector(torch.from_numpy(first.to_vector() + second.to_vector()))
+        for got in (summed.compute(), first.merge(second).compute()):
+            expect = full.compute()
+            assert got.keys() == expect.keys()
+            for k, v in expect.items():
+                assert (math.isnan(v) and math.isnan(got[k])) or got[k] == pytest.approx(v, rel=1e-12), k
+
+
+def test_eval_metrics_routes_no_target_tasks_by_protocol() -> None:
+    """A dataset's own no-target expression is scored by gRefCOCO (and counted by RefCOCO); a synthetic
+    negative is not; PhraseCut keeps both apart; the state vector carries the new protocols."""
+    empty = np.zeros((5, 5), bool)
+    gt = square(5, 5, 0, 0, 2)  # 4 px
+    m = EvalMetrics()
+    m.update(square(5, 5, 0, 0, 1), gt, phrase_type="name", num_instances=1)  # I = 1, U = 4
+    m.update_no_target(empty, empty, synthetic=False)  # gRefCOCO: hit, IoU 1
+    m.update_no_target(square(5, 5, 3, 3, 1), empty, synthetic=True)  # synthetic: official only
+    r = m.compute()
+    assert r["official/count"] == 1 and r["official/negative/count"] == 2
+    assert r["official/negative/empty_rate"] == 0.5
+    assert r["grefcoco/count"] == 2 and r["grefcoco/giou"] == pytest.approx((0.25 + 1) / 2)
+    assert r["grefcoco/ciou"] == pytest.approx(1 / 4) and r["grefcoco/n_acc"] == 1.0
+    assert r["refcoco/count"] == 1 and r["refcoco/no_target_count"] == 1
+    assert r["refcoco/mean_iou"] == 0.25 and r["boundary/count"] == 1
+    # a negative passed through update (negative=True) stays out of both new protocols
+    m.update(empty, empty, phrase_type=None, num_instances=0, negative=True)
+    assert m.compute()["grefcoco/count"] == 2
+    again = EvalMetrics().from_vector(m.to_vector())
+    assert again.compute() == pytest.approx(m.compute(), nan_ok=True)
+
+
+def test_protocol_helpers_and_dataset_table() -> None:
+    assert [protocol_for_source(s) for s in ("refcoco", "refcoco+", "refcocog", "grefcoco")] == [
+        "refcoco",
+        "refcoco",
+        "refcoco",
+        "grefcoco",
+    ]
+    assert protocol_for_source("phrasecut") == protocol_for_source("scenes") == "phrasecut"
+    metrics = {"official/mean_iou": 0.1, "threshold": 0.5, "grefcoco/giou": 0.2, "grefcoco/count": 3.0}
+    led = lead_with_protocol(metrics, "grefcoco")
+    assert list(led) == ["grefcoco/giou", "grefcoco/count", "official/mean_iou", "threshold"]
+    assert format_markdown_table(led).startswith("**grefcoco**")
+    with pytest.raises(ValueError, match="protocol"):
+        lead_with_protocol(metrics, "coco")
+    assert HEADLINE_METRICS["refcoco"][-1] == "refcoco/count" and set(HEADLINE_METRICS) == set(PROTOCOLS)
+    rows = [
+        {"dataset": "a", "protocol": "grefcoco", "grefcoco/giou": 0.25, "grefcoco/count": 12.0},
+        {"dataset": "b", "protocol": "refcoco", "refcoco/mean_iou": None},
+    ]
+    table = format_dataset_table(
+        rows, ["dataset", "protocol", "grefcoco/giou", "grefcoco/count", "refcoco/mean_iou"]
+    )
+    assert table.splitlines() == [
+        "| dataset | protocol | grefcoco/giou | grefcoco/count | refcoco/mean_iou |",
+        "|---|---|---:|---:|---:|",
+        "| a | grefcoco | 0.2500 | 12 |  |",
+        "| b | refcoco |  |  | – |",
+    ]
