@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.schema import ImageRecord
-from segvlm.masks import polygons_at_original_size, rasterize_polygons
+from segvlm.masks import decode_rles, polygons_at_original_size, rasterize_polygons
 
 MANIFEST = "manifest.parquet"
 SIZES = "sizes.json"
@@ -60,7 +60,9 @@ def instances_tag(num_instances: int) -> str:
 
 
 def manifest_rows(record: ImageRecord, shard: str) -> list[dict[str, Any]]:
-    """One row per task; the mask area is measured at the original size, as the metrics are."""
+    """One row per task; the mask area (rasterised polygons ∪ decoded RLEs) is measured at the original size,
+    as the metrics are. A task without a target (a negative, a gRefCOCO no-target expression) has area 0,
+    size and instances ``"none"``."""
     orig_w, orig_h = int(record.orig_width or record.width), int(record.orig_height or record.height)
     resized = (orig_w, orig_h) != (record.width, record.height)
     rows = []
@@ -71,6 +73,8 @@ def manifest_rows(record: ImageRecord, shard: str) -> list[dict[str, Any]]:
             if resized:  # stored at the capped size: map back exactly as the metrics' ground truth does
                 polygons = polygons_at_original_size(polygons, record.width, record.height, orig_w, orig_h)
             mask = rasterize_polygons(polygons, orig_w, orig_h)
+            if task.rles:  # already at the original size
+                mask = mask | decode_rles(task.rles, orig_h, orig_w)
             # == mask_area_fraction's mean() for a 0/1 mask, without a float64 pass over every pixel
             area = np.count_nonzero(mask) / mask.size
         else:

@@ -20,6 +20,11 @@ hostile input: ids, paths, text and sizes are checked by :mod:`pipeline.validate
 and any exception while handling one record quarantines it (``record_error``) instead of failing the job. Polygons that are
 degenerate while the task still has a usable one are kept (and counted): the official evaluator draws them
 too, so dropping them would change the ground truth the metrics use.
+
+The same loader reads the COCO layouts of :mod:`pipeline.refer`: their entries name the image file and
+folder, and their tasks carry ``rles`` (COCO RLEs at the original size, checked against the image and kept
+unchanged by ``max_side``); a task with no target at all is legal only for the sources of
+:data:`pipeline.refer.NO_TARGET_SOURCES` (gRefCOCO's no-target expressions).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pipeline.quarantine import (
     BAD_ID,
     BAD_METADATA,
     BAD_POLYGONS,
+    BAD_RLE,
     BAD_SCHEMA,
     BAD_TEXT,
     EMPTY_PHRASE,
@@ -52,6 +58,7 @@ from pipeline.quarantine import (
     UNREADABLE_IMAGE,
     UNSAFE_PATH,
 )
+from pipeline.refer import NO_TARGET_SOURCES
 from pipeline.schema import ImageRecord, QuarantineRecord, Task
 from pipeline.validate import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -67,6 +74,7 @@ from pipeline.validate import (
     structure_error,
     text_error,
 )
+from segvlm.masks import rle_area, rle_error
 
 __all__ = [
     "METADATA_FILES",
@@ -251,7 +259,9 @@ def load_image_record(
     (from the metadata and the image header, before decoding), clean text, sane polygon coordinates.
     The original JPEG bytes pass through untouched unless the image is not RGB (converted, re-encoded),
     not a JPEG at all but a decodable image such as a palette PNG (re-encoded), or longer than
-    ``max_side`` (resized once, polygons and boxes scaled, ``orig_width``/``orig_height`` kept).
+    ``max_side`` (resized once, polygons and boxes scaled, ``orig_width``/``orig_height`` kept; RLEs stay
+    at the original size). The image is read from ``entry.image_root`` when the entry names one, else
+    from ``root``.
     """
     try:
         return _load_image_record(
@@ -287,6 +297,19 @@ def _task_error(raw: dict[str, Any], width: int, height: int) -> tuple[str, str]
     error = polygon_error(raw["Polygons"], width, height)
     if error:
         return BAD_POLYGONS, error
+    for i, rle in enumerate(raw.get("rles") or []):
+        error = rle_error(rle, height, width)
+        if error:
+            return BAD_RLE, f"rles[{i}]: {error}"
+    return None
+
+
+def _no_target_error(raw: dict[str, Any], source: str) -> str | None:
+    """Why a task without any polygon or RLE may not stand as a no-target expression (None when it may)."""
+    if source not in NO_TARGET_SOURCES:
+        return f"it has no target (no polygon, no RLE), which only {', '.join(NO_TARGET_SOURCES)} allows"
+    if raw["ann_ids"]:
+        return f"it lists ann_ids {_show(raw['ann_ids'])} but has no polygon or RLE"
     return None
 
 
@@ -323,22 +346,26 @@ def _load_image_record(
     if error:
         return reject_all(entry.source_file, BAD_ID, f"image of tasks in {entry.source_file}: {error}")
     image_file = entry.image_file
+    meta_file = entry.meta_file  # PhraseCut: the usual name of its two; the detail says which row
     if entry.meta is None:
-        meta_names = " or ".join(METADATA_FILES)
+        meta_names = " or ".join(METADATA_FILES) if meta_file in METADATA_FILES else meta_file
         for i, task in enumerate(entry.tasks):
             detail = f"task {task['task_id']} in {entry.source_file}: image_id {entry.image_id} is not in {meta_names}"
             quarantine.append(_row(entry, task, i, entry.source_file, MISSING_METADATA, detail))
         return done()
-    meta_file = METADATA_FILES[0]  # the usual name; the detail says which row
     size, error = meta_size(entry.meta)
     if size is None:
         return reject_all(meta_file, BAD_METADATA, f"{meta_file}, image_id {entry.image_id}: {error}")
+    if entry.image_root is not None and entry.file_name is None:  # never images/{id}.jpg by mistake
+        detail = f"{meta_file}, image_id {entry.image_id}: the image row has no file_name string"
+        return reject_all(meta_file, BAD_METADATA, detail)
     width, height = size
     error = size_error(width, height, max_pixels, "metadata")
     if error:
         return reject_all(meta_file, IMAGE_TOO_LARGE, f"{meta_file}, image_id {entry.image_id}: {error}")
+    folder = entry.image_root if entry.image_root is not None else root
     try:
-        path, data = read_file_inside(root, image_file, max_image_bytes)
+        path, data = read_file_inside(folder, image_file, max_image_bytes)
     except FileNotFoundError:
         return reject_all(image_file, MISSING_IMAGE, f"{image_file} does not exist")
     except UnsafePathError as err:
@@ -351,7 +378,8 @@ def _load_image_record(
     if image is None:
         return reject_all(image_file, reason, f"{image_file}: {why}")
     if image.size != (width, height):
-        detail = f"{image_file} is {image.size[0]}x{image.size[1]}, image_data_split says {width}x{height}"
+        says = "image_data_split" if meta_file in METADATA_FILES else meta_file
+        detail = f"{image_file} is {image.size[0]}x{image.size[1]}, {says} says {width}x{height}"
         return reject_all(image_file, SIZE_MISMATCH, detail)
 
     tasks: list[Task] = []
@@ -365,11 +393,19 @@ def _load_image_record(
                     _row(entry, raw, i, entry.source_file, problem[0], f"{where}: {problem[1]}")
                 )
                 continue
+            rles = list(raw.get("rles") or [])
             polygons, clipped, usable, degenerate = _clip_polygons(raw["Polygons"], width, height)
-            if usable == 0:
+            if not raw["Polygons"] and not rles:
+                why = _no_target_error(raw, source)
+                if why is not None:
+                    detail = f"task {task_id} in {entry.source_file}: {why}"
+                    quarantine.append(_row(entry, raw, i, entry.source_file, NO_USABLE_POLYGONS, detail))
+                    continue
+            elif usable == 0 and not any(rle_area(rle) for rle in rles):
+                empty = f" and its {len(rles)} RLE(s) are empty" if rles else ""
                 detail = (
                     f"task {task_id} in {entry.source_file}: none of its {degenerate} polygon(s) has "
-                    f"3+ points and a positive area inside the {width}x{height} image"
+                    f"3+ points and a positive area inside the {width}x{height} image{empty}"
                 )
                 quarantine.append(_row(entry, raw, i, entry.source_file, NO_USABLE_POLYGONS, detail))
                 continue
@@ -380,6 +416,7 @@ def _load_image_record(
                 boxes=[_clip_box(list(b), width, height) for b in raw["instance_boxes"]],
                 phrase_structure=raw["phrase_structure"],
                 kind="original",
+                rles=rles,
             )
         except Exception as err:  # one task's surprise takes only that task
             detail = f"{where}: {type(err).__name__}: {err}"

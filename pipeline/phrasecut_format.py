@@ -1,5 +1,7 @@
 """PhraseCut's files as they are on disk: the metadata file names, the fields of a raw task, and the image
-entry that the listing (:mod:`pipeline.listing`) builds and the reader (:mod:`pipeline.phrasecut`) loads."""
+entry that the listing (:mod:`pipeline.listing`) builds and the reader (:mod:`pipeline.phrasecut`) loads.
+
+Other layouts (:mod:`pipeline.refer`) hand the listing raw tasks of the same form, plus ``rles``."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ class ImageEntry:
     quarantine rows found while listing (bad schema, duplicate ids); :func:`load_image_record` passes them on
     so all quarantine flows through one place. Tasks whose image_id is itself unusable are collected in one
     entry with ``image_id=None``.
+
+    Where the image is: PhraseCut's ``images/{image_id}.jpg`` under the dataset root handed to the reader;
+    for COCO layouts ``file_name`` (the metadata row's, e.g. ``COCO_train2014_000000581857.jpg``) under
+    ``image_root``, a folder of its own. ``meta_file`` names the metadata file in quarantine rows.
     """
 
     image_id: int | str | None
@@ -29,14 +35,22 @@ class ImageEntry:
     tasks: list[dict[str, Any]]
     source_file: str
     issues: list[QuarantineRecord] = dataclasses.field(default_factory=list)
+    meta_file: str = METADATA_FILES[0]
+    file_name: str | None = None
+    image_root: str | None = None
 
     @property
     def image_file(self) -> str:
-        return f"images/{self.image_id}.jpg"
+        """The image's path relative to the folder it is read from."""
+        return self.file_name if self.file_name is not None else f"images/{self.image_id}.jpg"
 
 
-def schema_error(task: Any) -> str | None:
-    """Why ``task`` does not have PhraseCut's task fields with the right types (None when it does)."""
+def schema_error(task: Any, *, with_rles: bool = False) -> str | None:
+    """Why ``task`` does not have PhraseCut's task fields with the right types (None when it does).
+
+    ``with_rles`` (COCO layouts): the task also has ``rles``, a list of ``{"size", "counts"}`` objects
+    (checked in full by the reader), and ``Polygons`` may be empty.
+    """
     if not isinstance(task, dict):
         return f"task is a {type(task).__name__}, not an object"
     missing = [key for key in TASK_KEYS if key not in task]
@@ -52,8 +66,15 @@ def schema_error(task: Any) -> str | None:
         return "ann_ids is not a list"
     if task["phrase_structure"] is not None and not isinstance(task["phrase_structure"], dict):
         return "phrase_structure is neither an object nor null"
+    if with_rles:
+        rles = task.get("rles")
+        if not isinstance(rles, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("size"), list) and isinstance(r.get("counts"), str)
+            for r in rles
+        ):
+            return "rles is not a list of {size, counts} objects"
     polygons = task["Polygons"]
-    if not isinstance(polygons, list) or not polygons:
+    if not isinstance(polygons, list) or not (polygons or with_rles):
         return "Polygons is not a non-empty list of instances"
     for i, instance in enumerate(polygons):
         if not isinstance(instance, list):

@@ -1,4 +1,4 @@
-"""The sharding job: a PhraseCut-layout folder -> WebDataset shards + manifest, in parallel on Ray.
+"""The sharding job: a PhraseCut- or refer-layout folder -> WebDataset shards + manifest, in parallel on Ray.
 
 Plan on the driver, work in Ray tasks, record on the driver::
 
@@ -13,7 +13,8 @@ Plan on the driver, work in Ray tasks, record on the driver::
 Image bytes never travel through the driver or the object store: each task reads its images from the
 source and writes its shard straight to the output filesystem, so the job scales with the cluster. On a
 multi-node cluster the source folder must be on a path every node sees (NFS, FSx, a mounted bucket: the
-reader uses plain file paths); the output may be any URI (``s3://``, ``gs://``) or such a shared path. The
+reader uses plain file paths), and so must a refer-layout source's image folder (``image_root``); the output
+may be any URI (``s3://``, ``gs://``) or such a shared path. The
 driver's memory does not grow with the dataset: the listing lives in SQLite, a bounded number of shards'
 tasks are in flight, results come back as counts, and the manifest is streamed from the sidecars.
 
@@ -50,8 +51,10 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline import shards
 from pipeline.listing import ORPHANS_KEY, Listing, unpack
+from pipeline.phrasecut_format import METADATA_FILES
 from pipeline.progress import Progress, format_table
 from pipeline.quarantine import RECORD_ERROR
+from pipeline.refer import DATASETS, default_image_root, refer_listing, resolve_split_by
 from pipeline.runlock import RunLock
 from pipeline.schema import ImageRecord, QuarantineRecord, Task, make_key
 from pipeline.validate import (
@@ -69,7 +72,8 @@ from pipeline.validate import (
 
 PARTS_DIR = "_parts"
 DEFAULT_SHARD_SAMPLES = 1000
-SOURCES = ("phrasecut", "scenes")
+REFER_SOURCES = tuple(DATASETS)  # refcoco, refcoco+, refcocog, grefcoco
+SOURCES = ("phrasecut", "scenes", *REFER_SOURCES)
 SIDECAR_VERSION = 2  # 2: negative pool drawn by hash rank (bounded memory), sidecars verified by sha256
 NEGATIVE_POOL_SIZE = 10000
 MAX_INFLIGHT_BYTES = 256 << 20  # task JSON of the shards in flight (PhraseCut: about 9 MB a shard)
@@ -78,12 +82,19 @@ MARKERS = (mf.MANIFEST, mf.SIZES, mf.SUMMARY, mf.QUARANTINE)  # what a finished 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    """Everything that decides what the job writes (plus where, and how it reports)."""
+    """Everything that decides what the job writes (plus where, and how it reports).
+
+    Refer-layout sources (:data:`REFER_SOURCES`, :mod:`pipeline.refer`) also take ``split_by`` (None: the
+    dataset's default, filled in) and ``image_root`` (None: the refer toolkit's folder beside ``root``,
+    filled in as an absolute path; on a cluster a path every node sees). Other sources refuse both.
+    """
 
     source: str
     root: str
     split: str
     out: str
+    split_by: str | None = None
+    image_root: str | None = None
     max_side: int | None = None
     shard_samples: int | None = None
     shard_bytes: int | None = None
@@ -103,6 +114,14 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source in REFER_SOURCES:
+            object.__setattr__(self, "split_by", resolve_split_by(self.source, self.split_by))
+            root = self.image_root if self.image_root is not None else default_image_root(self.root)
+            object.__setattr__(self, "image_root", os.path.abspath(root))
+        elif self.split_by is not None or self.image_root is not None:
+            raise ValueError(
+                f"--split-by and --image-root are for {', '.join(REFER_SOURCES)}, not {self.source}"
+            )
         if self.shard_samples is not None and self.shard_bytes is not None:
             raise ValueError("give --shard-samples or --shard-bytes, not both")
         if self.shard_samples is not None and self.shard_samples < 1:
@@ -132,6 +151,8 @@ class PrepareConfig:
             "seed": self.seed if self.synthetic_prompts else None,
             "limits": [self.max_pixels, self.max_image_bytes],
         }
+        if self.source in REFER_SOURCES:  # PhraseCut's fingerprints (and so its finished shards) stay valid
+            content.update(split_by=self.split_by, image_root=self.image_root)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -213,15 +234,14 @@ def plan_shards(
 
 def plan_listing(listing: Listing, config: PrepareConfig) -> list[ShardPlan]:
     """:func:`plan_shards` over a streamed listing: plans hold keys only (entries are loaded per shard)."""
-    root = config.root
     keys: list[str] = []
     images: list[str | None] = []
     sizes: list[int] = []
-    for key, image, image_id in listing.images(order="key"):
+    for key, image, _ in listing.images(order="key"):
         keys.append(key)
         images.append(image)
         if config.shard_bytes is not None:
-            sizes.append(0 if image is None else image_file_size(root, f"images/{image_id}.jpg"))
+            sizes.append(0 if image is None else image_file_size(*listing.image_path(image)))
     groups = group_keys(
         sizes if config.shard_bytes is not None else (None for _ in keys),
         shard_samples=config.shard_samples,
@@ -272,6 +292,10 @@ class ShardJob:
     split: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # the listing's layout (pipeline.listing.unpack); defaults: PhraseCut's refer_{split}.json
+    source_file: str | None = None
+    meta_file: str = METADATA_FILES[0]
+    image_root: str | None = None
 
 
 def sidecar_path(base: str, shard: str) -> str:
@@ -290,7 +314,10 @@ def augment(record: ImageRecord, job: ShardJob) -> ImageRecord:
 
 def _as_entry(entry: Any, job: ShardJob) -> Any:
     """An ``ImageEntry``, from a packed listing entry (a tuple) when that is what was shipped."""
-    return unpack(entry, job.split, f"refer_{job.split}.json") if isinstance(entry, tuple) else entry
+    if not isinstance(entry, tuple):
+        return entry
+    source_file = job.source_file or f"refer_{job.split}.json"
+    return unpack(entry, job.split, source_file, meta_file=job.meta_file, image_root=job.image_root)
 
 
 def build_shard(plan: ShardPlan, job: ShardJob) -> dict[str, Any]:
@@ -694,6 +721,15 @@ def run_prepare(
     return summary
 
 
+def open_listing(config: PrepareConfig) -> Listing:
+    """The listing of the configured source and split (read on the driver; see :mod:`pipeline.listing`)."""
+    if config.source in REFER_SOURCES:
+        return refer_listing(
+            config.root, config.split, config.source, split_by=config.split_by, image_root=config.image_root
+        )
+    return Listing(config.root, config.split, source=config.source)
+
+
 def _run_locked(
     config: PrepareConfig,
     fs: pafs.FileSystem,
@@ -717,7 +753,7 @@ def _run_locked(
     if foreign:
         log(f"prepare: left {len(foreign)} temp file(s) of other writers in place (e.g. {foreign[0]})")
 
-    with Listing(config.root, config.split, source=config.source) as listing:
+    with open_listing(config) as listing:
         plans = plan_listing(listing, config)
         pool: tuple[tuple[str, str], ...] = ()
         if config.synthetic_prompts:
@@ -738,6 +774,9 @@ def _run_locked(
             split=config.split,
             max_pixels=config.max_pixels,
             max_image_bytes=config.max_image_bytes,
+            source_file=listing.source_file,
+            meta_file=listing.meta_file,
+            image_root=listing.image_root,
         )
         log(
             f"prepare: {len(listing)} images ({listing.num_tasks} tasks) in {len(plans)} shards "
@@ -797,9 +836,11 @@ def summarize(
     listed = sum(r["images"] for r in results)
     processed = listed if processed is None else processed
     rate = round(processed / seconds, 2) if seconds > 0 else None
+    refer = {"split_by": config.split_by} if config.split_by is not None else {}
     return {
         "source": config.source,
         "split": config.split,
+        **refer,
         "images_listed": listed,
         "images": images,
         "tasks": sum(kinds.values()),

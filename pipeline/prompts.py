@@ -258,7 +258,7 @@ def _target_signature(task: Task) -> frozenset:
     return frozenset(
         tuple(sorted(tuple((round(float(x), 1), round(float(y), 1)) for x, y in poly) for poly in inst))
         for inst in task.polygons or []
-    )
+    ) | frozenset((tuple(rle["size"]), rle["counts"]) for rle in task.rles or [])
 
 
 # ---------------------------------------------------------------------------------------------- kinds
@@ -514,7 +514,7 @@ def augment_record(
     ``rates``: expected number of prompts of each kind per original task (kinds missing from it: 0; use
     :func:`parse_rates` for the defaults). Generated tasks get ``kind``, ``source_task_id`` = the original's
     id, ``task_id`` = ``f"{original}__{kind}{n}"`` (made unique against every id of the record), copies of
-    the original's polygons and boxes (negatives: none), and an adjusted ``phrase_structure``.
+    the original's polygons, RLEs and boxes (negatives: none), and an adjusted ``phrase_structure``.
     """
     rates = validate_rates(rates)
     tasks = list(record.tasks)
@@ -539,6 +539,7 @@ def augment_record(
             phrase=phrase,
             polygons=[] if empty else copy.deepcopy(source.polygons),
             boxes=[] if empty else copy.deepcopy(source.boxes),
+            rles=[] if empty else copy.deepcopy(source.rles),
             phrase_structure=ps,
             kind=kind,
             source_task_id=source.task_id,

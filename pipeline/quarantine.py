@@ -36,6 +36,7 @@ BAD_METADATA = "bad_metadata"
 IMAGE_TOO_LARGE = "image_too_large"
 BAD_POLYGONS = "bad_polygons"
 RECORD_ERROR = "record_error"
+BAD_RLE = "bad_rle"
 
 # code -> what it means; the codes are the values of the `reason` column.
 REASONS: dict[str, str] = {
@@ -45,7 +46,8 @@ REASONS: dict[str, str] = {
     NO_USABLE_POLYGONS: "every polygon has fewer than 3 points or zero area after clipping to the image",
     EMPTY_PHRASE: "the phrase is empty or whitespace",
     DUPLICATE_TASK_ID: "a task with the same task_id came earlier in the file (the first one is kept)",
-    MISSING_METADATA: "the task's image_id is not in image_data_split.json",
+    MISSING_METADATA: "the task's image_id is not in image_data_split.json (COCO layouts: its image or one of "
+    "its ann_ids is not in instances.json, or the annotation belongs to another image)",
     BAD_SCHEMA: "a required field is missing or has the wrong type",
     BAD_ID: "image_id or task_id is not a safe file-name component (pipeline.validate.ID_PATTERN)",
     UNSAFE_PATH: "the image path (after symlinks) leads outside the dataset root",
@@ -54,6 +56,7 @@ REASONS: dict[str, str] = {
     IMAGE_TOO_LARGE: "the image (metadata, header or file) is over the configured pixel or byte limit",
     BAD_POLYGONS: "polygon points lie far outside the image, or there are too many of them",
     RECORD_ERROR: "an unexpected error while handling the record (its type and message are the detail)",
+    BAD_RLE: "a COCO RLE mask is not of its image's size, or its counts do not decode to exactly its pixels",
 }
 
 SCHEMA = pa.schema(

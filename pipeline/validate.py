@@ -227,6 +227,41 @@ def polygon_error(instances: list[list[list[Any]]], width: int, height: int) -> 
     return None
 
 
+MAX_OUTLINE_PER_SIDE = 100  # a COCO polygon's outline, in (width + height) units
+
+
+def coco_polygon_error(segmentation: Any, width: int, height: int) -> str | None:
+    """Why a COCO polygon segmentation (``[[x1, y1, x2, y2, ...], ...]``) must not reach pycocotools.
+
+    Each polygon is a flat list of an even number (6 or more: pycocotools reads 4 numbers as a box) of
+    finite numbers; points obey :func:`polygon_error`'s rules; and the outline (per edge the longer of
+    |dx|, |dy|) is at most :data:`MAX_OUTLINE_PER_SIDE` × (width + height), since pycocotools' rasteriser
+    allocates memory in proportion to it.
+    """
+    if not isinstance(segmentation, list) or not segmentation:
+        return "the segmentation is not a non-empty list of polygons"
+    pairs: list[list[list[float]]] = []
+    outline = 0.0
+    for i, flat in enumerate(segmentation):
+        if (
+            not isinstance(flat, list)
+            or len(flat) < 6
+            or len(flat) % 2
+            or not all(is_number(v) for v in flat)
+        ):
+            return f"polygon {i} is not a flat list of 3+ [x, y] number pairs"
+        points = [[flat[k], flat[k + 1]] for k in range(0, len(flat), 2)]
+        for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]):
+            outline += max(abs(x1 - x0), abs(y1 - y0))
+        pairs.append(points)
+    error = polygon_error([pairs], width, height)
+    if error:
+        return error
+    if outline > MAX_OUTLINE_PER_SIDE * (width + height):
+        return f"the outline is {outline:.0f} px long, over {MAX_OUTLINE_PER_SIDE} x (width + height)"
+    return None
+
+
 def header_size(data: bytes) -> tuple[int, int]:
     """``(width, height)`` from an image's header, without decoding its pixels (raises on garbage)."""
     import io
@@ -253,5 +288,8 @@ def check_sample_sizes(record: Any, jpg: bytes, max_pixels: int = LOADER_MAX_PIX
 
 def _show(value: Any, limit: int = 80) -> str:
     """repr of a value, shortened: details may quote hostile input, never at full length."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a container nested deeper than repr can go (a pickle builds those cheaply)
+        return f"<a {type(value).__name__} nested too deeply to show>"
     return text if len(text) <= limit else f"{text[: limit - 12]}...({len(text)} chars)"

@@ -548,3 +548,20 @@ def test_cli_dispatches_synth_prompts(capsys):
         cli.main(["synth-prompts", "--help"])
     assert exit_info.value.code == 0
     assert "--rates" in capsys.readouterr().out
+
+
+def test_prompts_of_an_rle_task_keep_its_rles_and_negatives_have_none():
+    # a RefCOCO-style task: the target is a COCO RLE, no polygon, no phrase structure
+    rle = {"size": [20, 30], "counts": "b03c03"}
+    crowd = Task(task_id="7", phrase="the crowd on the left", polygons=[], boxes=[[1, 2, 3, 4]], rles=[rle])
+    rec = ImageRecord(source="refcoco", image_id=1, split="train", width=30, height=20, tasks=[crowd])
+    out = prompts.augment_record(
+        rec, rng=random.Random(0), rates={"template": 2.0, "negative": 1.0}, negative_pool=[("cat", "a cat")]
+    )
+    made = generated(out)
+    templates = [t for t in made if t.kind == "template"]
+    negatives = [t for t in made if t.kind == "negative"]
+    assert templates and negatives
+    assert all(t.rles == [rle] and t.boxes == [[1, 2, 3, 4]] and t.has_target for t in templates)
+    assert all(t.rles == [] and not t.has_target for t in negatives)
+    assert templates[0].rles is not crowd.rles  # a copy: editing one task never edits another
