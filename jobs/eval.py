@@ -77,7 +77,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     for dataset in config["datasets"]:
         loader = make_eval_loader(
             dataset["data"],
-            split=config["split"],
+            split=dataset["split"],
             batch_size=config["batch_size"],
             image_size=model_cfg.backbone.image_size,
             tokenizer=model.backbone.tokenize,
@@ -156,15 +156,14 @@ def _evaluate_on_ray(
     checkpoint: str,
     datasets: Sequence[Mapping[str, Any]],
     *,
-    split: str,
     num_workers: int,
     batch_size: int,
     use_gpu: bool,
     ray_address: str | None,
     threshold: float | None,
 ) -> list[dict[str, Any]]:
-    """One Ray Train run scoring ``checkpoint`` on every dataset (``{"data", "official_dir"}``, absolute
-    locations); returns rank 0's payloads (``summary``, ``pr_curve``), one per dataset, in order."""
+    """One Ray Train run scoring ``checkpoint`` on every dataset (``{"data", "split", "official_dir"}``,
+    absolute locations); returns rank 0's payloads (``summary``, ``pr_curve``), one per dataset, in order."""
     quiet_environment()
     init_ray(ray_address)
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
@@ -179,7 +178,6 @@ def _evaluate_on_ray(
         train_loop_config={
             "checkpoint": checkpoint,
             "datasets": [dict(d) for d in datasets],
-            "split": split,
             "batch_size": batch_size,
             "use_gpu": use_gpu,
             "threshold": threshold,
@@ -293,8 +291,7 @@ def run_eval(
     protocol = _resolve_protocol(protocol, data, split)
     (payload,) = _evaluate_on_ray(
         checkpoint,
-        [{"data": data, "official_dir": official_dir}],
-        split=split,
+        [{"data": data, "split": split, "official_dir": official_dir}],
         num_workers=num_workers,
         batch_size=batch_size,
         use_gpu=use_gpu,
@@ -388,7 +385,7 @@ def run_cross_eval(
     datasets: Mapping[str, str],
     *,
     out: str,
-    split: str = "test",
+    split: str | None = None,
     official_dir: str | None = None,
     num_workers: int = 1,
     batch_size: int = 16,
@@ -400,8 +397,9 @@ def run_cross_eval(
     threshold: float | None = None,
     protocol: str = "auto",
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on every ``{name: shard location}`` of ``datasets`` (split ``split`` of each)
-    in one Ray Train run; returns the ``cross_dataset_table``.
+    """Evaluate ``checkpoint`` on every ``{name: shard location}`` of ``datasets`` in one Ray Train run;
+    returns the ``cross_dataset_table``. Each dataset is read at ``split``, or, when it is None, at the one
+    split its folder holds (``pipeline.loader.folder_split``: RefCOCO's testA beside RefCOCOg's val).
 
     Writes ``out/<name>/`` (``report.json``, ``report.md``, ``pr_curve.json``) per dataset, then
     ``out/table.json``, ``table.md`` and ``table.csv``; PNGs go to ``official_dir/<name>/``. ``protocol``
@@ -409,6 +407,7 @@ def run_cross_eval(
     as ``<name>/<metric>``, the files as artifacts under ``eval/`` and the table through ``log_table``.
     """
     from pipeline import storage
+    from pipeline.loader import folder_split
     from segvlm.inference import check_threshold
 
     if not datasets:
@@ -422,14 +421,18 @@ def run_cross_eval(
     official_dir = _absolute(official_dir) if official_dir else None
     _check_outputs(checkpoint, out, official_dir)
     locations = {name: _absolute(data) for name, data in datasets.items()}
-    protocols = {name: _resolve_protocol(protocol, data, split) for name, data in locations.items()}
+    splits = {name: split or folder_split(data) for name, data in locations.items()}
+    protocols = {name: _resolve_protocol(protocol, data, splits[name]) for name, data in locations.items()}
     payloads = _evaluate_on_ray(
         checkpoint,
         [
-            {"data": data, "official_dir": storage.join(official_dir, name) if official_dir else None}
+            {
+                "data": data,
+                "split": splits[name],
+                "official_dir": storage.join(official_dir, name) if official_dir else None,
+            }
             for name, data in locations.items()
         ],
-        split=split,
         num_workers=num_workers,
         batch_size=batch_size,
         use_gpu=use_gpu,
@@ -453,8 +456,9 @@ def run_cross_eval(
             with _tracking_logger(tracking_uri, experiment, out, run_id, checkpoint) as logger:
                 logger.log_params(
                     {f"eval/{name}/data": data for name, data in locations.items()}
+                    | {f"eval/{name}/split": s for name, s in splits.items()}
                     | {f"eval/{name}/protocol": p for name, p in protocols.items()}
-                    | {"eval/checkpoint": checkpoint, "eval/split": split}
+                    | {"eval/checkpoint": checkpoint}
                 )
                 logger.log_metrics(
                     {
@@ -495,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard folder or URI written by `segvlm prepare`; or NAME=LOCATION, repeated, to evaluate "
         "several datasets into one table (NAME: letters, digits, _ and -; it names OUT/NAME/)",
     )
-    parser.add_argument("--split", default="test", help="the split of every dataset (default: test)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="the split to read (default: the one split each --data folder holds, e.g. testA)",
+    )
     parser.add_argument(
         "--protocol",
         default="auto",
@@ -508,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where report.json, report.md and pr_curve.json go (several datasets: OUT/NAME/ each, and "
         "table.json, table.md, table.csv) (default: beside the checkpoint, "
-        "<checkpoint parent>/eval-<checkpoint name>-<split>; never inside the checkpoint)",
+        "<checkpoint parent>/eval-<checkpoint name>-<split, or 'datasets'>; never inside the checkpoint)",
     )
     parser.add_argument(
         "--official-dir", default=None, help="also write {task_id}.png per task here (several: DIR/NAME/)"
@@ -532,6 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_of(args: argparse.Namespace) -> str | None:
+    """``--split``; for one bare ``--data`` folder without it, the one split the folder holds; for named
+    datasets without it, None (each its own). Raises ValueError when a folder holds several."""
+    bare, _ = parse_data(args.data)
+    if args.split is not None or bare is None:
+        return args.split
+    from pipeline.loader import folder_split
+
+    return folder_split(bare)
+
+
 def argument_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, checked before Ray starts; None when nothing is."""
     from pipeline import storage
@@ -542,7 +561,7 @@ def argument_error(args: argparse.Namespace) -> str | None:
     except storage.StorageError as err:
         return f"--checkpoint {err}"
     try:
-        parse_data(args.data)
+        _split_of(args)
     except ValueError as err:
         return str(err)
     if args.threshold is not None:
@@ -552,7 +571,7 @@ def argument_error(args: argparse.Namespace) -> str | None:
             check_threshold(args.threshold)
         except ValueError as err:
             return f"--{err}"
-    out = args.out or default_out(_absolute(args.checkpoint), args.split)
+    out = args.out or default_out(_absolute(args.checkpoint), _split_of(args) or "datasets")
     if _inside(_absolute(out), _absolute(args.checkpoint)):
         return f"--out {out} lies inside the checkpoint {args.checkpoint}; pick another folder"
     return None
@@ -563,13 +582,14 @@ def main(argv: list[str] | None = None) -> int:
     if (error := argument_error(args)) is not None:
         print(f"segvlm eval: {error}")
         return 2
-    out = args.out or default_out(_absolute(args.checkpoint), args.split)
+    split = _split_of(args)
+    out = args.out or default_out(_absolute(args.checkpoint), split or "datasets")
     from pipeline import storage
 
     bare, named = parse_data(args.data)
     options = {
         "out": out,
-        "split": args.split,
+        "split": split,
         "official_dir": args.official_dir,
         "num_workers": args.num_workers,
         "batch_size": args.batch_size,

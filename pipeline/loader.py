@@ -225,6 +225,29 @@ def list_shards(
     return urls, sizes
 
 
+def folder_split(location: str | os.PathLike) -> str:
+    """The one split whose shards (``{split}-NNNNNN.tar``) a folder written by ``segvlm prepare`` holds,
+    from its ``sizes.json`` or its listing; ``ValueError`` naming the folder when it holds none or several
+    (then the split must be given)."""
+    from pipeline.shards import parse_shard_name
+
+    location = storage.check_location(location)
+    if not storage.is_uri(location):
+        location = os.path.abspath(location)
+    if not storage.is_dir(location):
+        raise ValueError(f"{location} is not a folder of shards; give the split")
+    sizes_path = storage.join(location, "sizes.json")
+    if storage.exists(sizes_path):
+        names = list(json.loads(storage.read_bytes(sizes_path)))
+    else:
+        names = [storage.name(u) for u in storage.list_files(location)]
+    splits = sorted({parsed[0] for name in names if (parsed := parse_shard_name(name)) is not None})
+    if len(splits) != 1:
+        found = ", ".join(splits) if splits else "no shards"
+        raise ValueError(f"{location} holds {found}; give the split")
+    return splits[0]
+
+
 def _open_shards(
     sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool] = wds.reraise_exception
 ) -> Iterator[dict[str, Any]]:

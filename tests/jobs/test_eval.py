@@ -72,6 +72,31 @@ def test_the_protocol_comes_from_the_shards_dataset(tmp_path: Path) -> None:
         detect_protocol(str(tmp_path / "empty"), "val")
 
 
+def test_each_dataset_is_read_at_the_one_split_its_folder_holds(tmp_path: Path, capsys) -> None:
+    from pipeline.loader import folder_split
+
+    write_shards(tmp_path / "testA", [2, 1], split="testA")  # with sizes.json
+    write_shards(tmp_path / "val", [1], split="val")
+    (tmp_path / "val" / "sizes.json").unlink()  # then from the folder's listing
+    assert folder_split(str(tmp_path / "testA")) == "testA"
+    assert folder_split(str(tmp_path / "val")) == "val"
+    write_shards(tmp_path / "both", [1], split="val")
+    (tmp_path / "both" / "sizes.json").unlink()
+    write_shards(tmp_path / "both", [1], split="test")
+    (tmp_path / "both" / "sizes.json").unlink()
+    with pytest.raises(ValueError, match=r"both holds test, val; give the split"):
+        folder_split(str(tmp_path / "both"))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="holds no shards"):
+        folder_split(str(tmp_path / "none"))
+    # the command refuses an ambiguous folder before starting anything
+    (tmp_path / "ckpt").mkdir()
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--data", str(tmp_path / "both")]) == 2
+    assert "give the split" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ the table
 def test_cross_dataset_table_files() -> None:
     reports = {
@@ -192,7 +217,7 @@ def test_one_checkpoint_on_two_datasets_in_one_table_and_one_mlflow_run(ray_loca
         str(tmp_path / "ckpt"),
         {"scenes-test": str(tmp_path / "scenes-test"), "gref-test": str(tmp_path / "gref-test")},
         out=str(out),
-        split="test",
+        split=None,  # each dataset at the one split its folder holds
         official_dir=str(tmp_path / "pngs"),
         num_workers=2,
         batch_size=4,
