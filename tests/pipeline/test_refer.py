@@ -350,6 +350,16 @@ def test_plain_data_pickles_load_as_python_2_wrote_them(fx):
     assert raw[:2] == b"\x80\x02" and pickle.SHORT_BINSTRING + b"\x04caf\xe9" in raw
 
 
+def test_protocol_0_text_pickles_load_too(tmp_path):
+    # Python 2's pickle.dump without a protocol writes protocol 0: text opcodes, 8-bit strings as S'...'
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(
+        b"(lp0\n(dp1\nS'sent'\np2\nS'the man on the left'\np3\nsS'sent_id'\np4\nI42\n"
+        b"sS'bad'\np5\nS'caf\\xe9'\np6\nsa."
+    )
+    assert load_plain_pickle(path) == [{"sent": "the man on the left", "sent_id": 42, "bad": "caf\udce9"}]
+
+
 @pytest.mark.parametrize("how", ["system", "exec"])
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, how):
     path, marker = tmp_path / "refs(unc).p", tmp_path / f"pwned-{how}"
