@@ -83,11 +83,11 @@ def decode_rles(rles: Sequence[dict[str, Any]], height: int, width: int) -> np.n
     Every RLE must be of the size asked for: RLEs are kept at the original image size, and a mismatch
     means the record and its image disagree (``ValueError``, never a silently shifted mask).
     """
-    out = np.zeros((int(height), int(width)), dtype=np.uint8)
     if not rles:
-        return out
+        return np.zeros((int(height), int(width)), dtype=np.uint8)
     from pycocotools import mask as coco_mask
 
+    out: np.ndarray | None = None
     for rle in rles:
         size = [int(v) for v in rle["size"]]
         if size != [int(height), int(width)]:
@@ -97,7 +97,8 @@ def decode_rles(rles: Sequence[dict[str, Any]], height: int, width: int) -> np.n
         if error is not None:
             raise ValueError(error)
         encoded = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        out |= coco_mask.decode(encoded).astype(np.uint8)
+        mask = coco_mask.decode(encoded)  # H×W uint8, column-major: the loader only gathers from it
+        out = mask if out is None else out | mask
     return out
 
 

@@ -61,3 +61,20 @@ def test_shape_and_type_errors():
     assert "not [height, width]" in rle_error({**good, "size": [7.0, 9]}, 7, 9)
     assert "not a compressed string" in rle_error({**good, "counts": [63]}, 7, 9)
     assert "not an object" in rle_error([good], 7, 9)
+
+
+def test_an_rle_target_in_a_box_that_reaches_past_the_image_is_background_outside_it():
+    from segvlm.preprocess import region_mask
+
+    # a 10 × 8 image (w × h) whose RLE covers everything; the box (-5, -5)–(15, 15) at 20 × 20 output
+    # pixels: output pixel (i, j) samples original pixel (floor(-5 + i + 0.5), floor(-5 + j + 0.5))
+    rle = encode_rle(np.ones((8, 10), np.uint8))
+    got = region_mask(
+        [], (-5.0, -5.0, 15.0, 15.0), 20, 20, rles=[rle], stored_size=(10, 8), original_size=(10, 8)
+    )
+    want = np.zeros((20, 20), np.uint8)
+    want[5:13, 5:15] = 1  # rows -> y in 0..7, columns -> x in 0..9
+    assert np.array_equal(got, want)
+    # a stored image at half the original size: the same box in stored pixels maps through the scale
+    got = region_mask([], (0.0, 0.0, 5.0, 4.0), 10, 8, rles=[rle], stored_size=(5, 4), original_size=(10, 8))
+    assert np.array_equal(got, np.ones((8, 10), np.uint8))
