@@ -561,7 +561,7 @@ def argument_error(args: argparse.Namespace) -> str | None:
     except storage.StorageError as err:
         return f"--checkpoint {err}"
     try:
-        _split_of(args)
+        parse_data(args.data)
     except ValueError as err:
         return str(err)
     if args.threshold is not None:
@@ -571,9 +571,12 @@ def argument_error(args: argparse.Namespace) -> str | None:
             check_threshold(args.threshold)
         except ValueError as err:
             return f"--{err}"
-    out = args.out or default_out(_absolute(args.checkpoint), _split_of(args) or "datasets")
-    if _inside(_absolute(out), _absolute(args.checkpoint)):
-        return f"--out {out} lies inside the checkpoint {args.checkpoint}; pick another folder"
+    if args.out and _inside(_absolute(args.out), _absolute(args.checkpoint)):
+        return f"--out {args.out} lies inside the checkpoint {args.checkpoint}; pick another folder"
+    try:
+        _split_of(args)
+    except ValueError as err:
+        return str(err)
     return None
 
 

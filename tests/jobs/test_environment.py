@@ -120,7 +120,8 @@ def test_eval_logs_to_mlflow_tracking_uri_when_no_flag(monkeypatch, tmp_path):
     monkeypatch.setattr(eval_job, "run_eval", lambda *a, **kw: calls.append(kw) or {})
     monkeypatch.setattr("segvlm.metrics.format_markdown_table", lambda report: "")
     (tmp_path / "ckpt").mkdir()  # --out beside the checkpoint: eval refuses an output inside it
-    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path), "--split", "test"]
+    argv += ["--out", str(tmp_path / "o")]
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert eval_job.main(argv) == 0
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5998")
