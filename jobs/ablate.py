@@ -16,7 +16,8 @@ evaluates its best checkpoint (``jobs.eval.run_eval``) on the validation shards 
 test shards). Trials run side by side as far as the cluster's CPUs/GPUs allow (``--max-concurrent``); the
 trial itself reserves no CPU, only its Train workers do. A failing trial is retried (``--max-failures``; a
 retry resumes its Ray Train run from the last checkpoint, in the same MLflow run, on top of the Train run's
-own ``train.max_failures``); a trial that still fails is reported as failed, with its error, never dropped.
+own ``train.max_failures``; one that died before its first checkpoint starts over in a new child run, and the
+first stays behind unfinished); a trial that still fails is reported as failed, with its error, never dropped.
 
 ==================  =====================================================================================
 ``bce``             CLIPSeg baseline: every decoder switch off, loss bce=1 focal=0 dice=0
@@ -50,6 +51,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jobs.ablation_report import (
+    DELTA_KEY,
+    TRIAL_METRICS,
+    aggregate,
+    best_trial,
+    error_bar_chart,
+    markdown_table,
+    trial_key,
+)
 from jobs.common import init_ray, to_json
 from jobs.environment import quiet_environment
 
@@ -151,11 +161,6 @@ def parse_seeds(spec: str | int) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise SystemExit(f"segvlm ablate: --seeds needs distinct non-negative seeds, got {spec!r}")
     return seeds
-
-
-def trial_key(rung: str, seed: int) -> str:
-    """How a trial is named in progress lines, ``step_hooks`` and the reports: ``+raf/seed1``."""
-    return f"{rung}/seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------- one trial
@@ -275,186 +280,6 @@ def _parameter_counts(client: Any, run_id: str, cfg: Any) -> tuple[int, int]:
 
     counts = build_model(cfg.model).num_parameters()
     return int(counts["total"]), int(counts["trainable"])
-
-
-# ---------------------------------------------------------------------------------------- aggregation
-# metrics in [0, 1] read from each trial's evaluation report; relation-type IoU exists for PhraseCut only
-TRIAL_METRICS = (
-    "official/mean_iou",
-    "official/relation/mean_iou",
-    "official/cum_iou",
-    *(f"official/pr@{t}" for t in ("0.5", "0.6", "0.7", "0.8", "0.9")),
-    "boundary/f",
-    "clipseg/iou_fg",
-    "clipseg/ap",
-)
-AGGREGATED = (*TRIAL_METRICS, "best_val_mean_iou", "samples_per_s", "steps")
-DELTA_KEY = "official/mean_iou"
-
-
-def mean_sd(values: Sequence[float]) -> dict[str, float]:
-    """``{"mean", "sd", "n"}`` of the finite ``values``: ``sd`` is the sample standard deviation (n − 1 in
-    the denominator), NaN for n < 2; ``mean`` NaN for n = 0."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(finite)
-    mean = sum(finite) / n if n else math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else math.nan
-    return {"mean": mean, "sd": sd, "n": n}
-
-
-def difference(previous: Mapping[str, float], current: Mapping[str, float]) -> dict[str, Any]:
-    """``current − previous`` of two ``mean_sd`` results, its standard error ``sqrt(s1²/n1 + s2²/n2)`` (NaN
-    unless both sides have n ≥ 2) and ``significant``: ``|diff| > 2 SE``, ``None`` where SE is NaN."""
-    diff = current["mean"] - previous["mean"]
-    if previous["n"] > 1 and current["n"] > 1:
-        se = math.sqrt(previous["sd"] ** 2 / previous["n"] + current["sd"] ** 2 / current["n"])
-    else:
-        se = math.nan
-    significant = None if math.isnan(se) or math.isnan(diff) else abs(diff) > 2 * se
-    return {"diff": diff, "se": se, "significant": significant}
-
-
-def aggregate(trials: Sequence[Mapping[str, Any]], rungs: Sequence[Rung]) -> list[dict[str, Any]]:
-    """One summary per rung of ``rungs`` (in that order) from the per-trial rows (``status`` ``ok`` or
-    ``failed``): ``metrics[key] = mean_sd`` over the rung's successful trials, ``delta`` (of mean IoU) to the
-    previous rung (``None`` for the first), ``failed``: the failed trials' seeds and errors, counted apart."""
-    summaries: list[dict[str, Any]] = []
-    for rung in rungs:
-        mine = [t for t in trials if t["rung"] == rung.name]
-        ok = [t for t in mine if t["status"] == "ok"]
-        metrics = {k: mean_sd([t.get(k, math.nan) for t in ok]) for k in AGGREGATED}
-        summaries.append(
-            {
-                "rung": rung.name,
-                "description": rung.description,
-                "trials": len(mine),
-                "seeds": sorted(t["seed"] for t in ok),
-                "failed": [
-                    {"seed": t["seed"], "error": t.get("error", "")} for t in mine if t["status"] != "ok"
-                ],
-                "metrics": metrics,
-                "params_total": ok[0]["params_total"] if ok else None,
-                "params_trainable": ok[0]["params_trainable"] if ok else None,
-                "delta": difference(summaries[-1]["metrics"][DELTA_KEY], metrics[DELTA_KEY])
-                if summaries
-                else None,
-            }
-        )
-    return summaries
-
-
-def best_trial(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The successful trial with the highest best validation mean IoU (the first of equals), if any."""
-    ok = [t for t in trials if t["status"] == "ok"]
-    return max(ok, key=lambda t: t["best_val_mean_iou"]) if ok else None
-
-
-# ------------------------------------------------------------------------------------------ reporting
-SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("official/mean_iou", "mIoU"),
-    ("official/relation/mean_iou", "relation mIoU"),
-    ("official/cum_iou", "cum IoU"),
-    ("official/pr@0.5", "Pr@0.5"),
-    ("official/pr@0.9", "Pr@0.9"),
-    ("boundary/f", "boundary F"),
-    ("best_val_mean_iou", "best val mIoU"),
-)
-
-
-def _pct(value: Any, sign: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{100 * value:{sign}.2f}"
-
-
-def _mean_sd_cell(stat: Mapping[str, float]) -> str:
-    if stat["n"] == 0:
-        return "–"
-    return f"{_pct(stat['mean'])} ± {_pct(stat['sd']) if stat['n'] > 1 else 'n/a'}"
-
-
-def _delta_cell(delta: Mapping[str, Any] | None) -> str:
-    if delta is None:
-        return ""
-    if math.isnan(delta["se"]):
-        return f"{_pct(delta['diff'], '+')} ± n/a"
-    mark = " (> 2 SE)" if delta["significant"] else ""
-    return f"{_pct(delta['diff'], '+')} ± {_pct(delta['se'])}{mark}"
-
-
-def markdown_table(
-    summaries: Sequence[Mapping[str, Any]], trials: Sequence[Mapping[str, Any]], *, split: str = "val"
-) -> str:
-    """Per rung: mean ± sample sd over seeds, Δ mIoU ± SE against the previous rung; then one row per trial
-    (failed ones with their error). Metrics in percent on the ``split`` shards."""
-    present = [
-        (k, h) for k, h in SUMMARY_COLUMNS if any(s["metrics"][k]["n"] for s in summaries) or k == DELTA_KEY
-    ]
-    header = ["rung", "seeds", *(h for _, h in present[:1]), "Δ mIoU ± SE", *(h for _, h in present[1:])]
-    header += ["trainable", "failed"]
-    lines = [
-        f"Ablation ({split} split; metrics in %, mean ± sample standard deviation over seeds)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---", "---:"] + ["---:"] * (len(header) - 3) + ["---"]) + "|",
-    ]
-    for s in summaries:
-        cells = [f"`{s['rung']}`", f"{len(s['seeds'])}/{s['trials']}"]
-        cells += [_mean_sd_cell(s["metrics"][present[0][0]]), _delta_cell(s["delta"])]
-        cells += [_mean_sd_cell(s["metrics"][k]) for k, _ in present[1:]]
-        cells += [f"{s['params_trainable']:,}" if s["params_trainable"] is not None else "–"]
-        cells += [", ".join(f"seed {f['seed']}" for f in s["failed"]) or "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "sd: sample standard deviation (n − 1); n/a with one seed. Δ: difference of mean mIoU to the previous "
-        "rung ± its standard error sqrt(s1²/n1 + s2²/n2); (> 2 SE) where |Δ| exceeds two standard errors.",
-        "",
-        "| trial | status | mIoU | best val mIoU | steps | failed attempts | MLflow run | error |",
-        "|---|---|---:|---:|---:|---:|---|---|",
-    ]
-    for t in trials:
-        ok = t["status"] == "ok"
-        lines.append(
-            f"| `{trial_key(t['rung'], t['seed'])}` | {t['status']} | "
-            f"{_pct(t.get('official/mean_iou')) if ok else '–'} | "
-            f"{_pct(t.get('best_val_mean_iou')) if ok else '–'} | {t.get('steps', '–')} | "
-            f"{t.get('failures', 0)} | {t.get('run_id') or '–'} | {t.get('error', '') or ''} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def error_bar_chart(summaries: Sequence[Mapping[str, Any]], path: str | Path, *, split: str = "val") -> Path:
-    """``ablation.png``: mean IoU per rung (bar), ± one sample sd (error bar, none with one seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = [s["metrics"][DELTA_KEY] for s in summaries]
-    means = [100 * st["mean"] if st["n"] else 0.0 for st in stats]
-    sds = [100 * st["sd"] if st["n"] > 1 else 0.0 for st in stats]
-    figure, axis = plt.subplots(figsize=(max(5.0, 1.3 * len(summaries) + 1), 4))
-    axis.bar(range(len(summaries)), means, yerr=sds, capsize=6, color="#4C72B0")
-    for i, (mean, sd, st) in enumerate(zip(means, sds, stats)):
-        axis.annotate(
-            f"{mean:.2f}" + (f"±{sd:.2f}" if st["n"] > 1 else ""),
-            (i, mean + sd),
-            xytext=(0, 3),
-            textcoords="offset points",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    axis.set_xticks(range(len(summaries)), [s["rung"] for s in summaries], rotation=20, ha="right")
-    axis.set_ylabel(f"official mean IoU on {split} (%), mean ± sd")
-    axis.set_ylim(0, max([1.0, *(m + s for m, s in zip(means, sds))]) * 1.2)
-    axis.set_title("SegVLM ablation ladder")
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
 
 
 # -------------------------------------------------------------------------------------------- the sweep

@@ -1,7 +1,7 @@
 """The ablation ladder: its rungs (pure), and the seeded Ray Tune sweep end to end at tiny scale on a local
 Ray instance: 2 rungs × 2 seeds, each trial a real Ray Train run nested under one MLflow parent run, one trial
 killed mid-run and retried by Tune (slow: about 3 minutes on 2 cores). The statistics themselves are checked
-against hand-computed values in ``test_ablate_aggregate.py``.
+against hand-computed values in ``test_ablation_report.py``.
 """
 
 from __future__ import annotations

@@ -7,16 +7,8 @@ import math
 
 import pytest
 
-from jobs.ablate import (
-    Rung,
-    aggregate,
-    best_trial,
-    default_concurrency,
-    difference,
-    markdown_table,
-    mean_sd,
-    parse_seeds,
-)
+from jobs.ablate import Rung, default_concurrency, parse_seeds
+from jobs.ablation_report import aggregate, best_trial, difference, markdown_table, mean_sd
 from jobs.config import TrainConfig
 
 RUNGS = [Rung("bce", "bce", "baseline", ()), Rung("+raf", "raf", "RAF", ()), Rung("+se", "se", "SE", ())]
@@ -144,3 +136,20 @@ def test_markdown_table_leaves_out_a_metric_no_trial_has():
     no_relation = [{**t, "official/relation/mean_iou": math.nan} for t in TRIALS]
     assert "relation mIoU" not in markdown_table(aggregate(no_relation, RUNGS), no_relation)
     assert "relation mIoU" in markdown_table(aggregate(TRIALS, RUNGS), TRIALS)
+
+
+def test_main_refuses_bad_sweep_arguments_before_starting_anything(capsys):
+    from jobs.ablate import build_parser, main
+
+    config = ["--config", "configs/demo.yaml"]
+    for argv, message in (
+        (["--seeds", "0"], "--seeds"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--max-concurrent", "0"], "--max-concurrent"),
+        (["--max-failures", "-1"], "--max-failures"),
+        (["--steps", "4", "--train-seconds", "9"], "not both"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            main(config + argv)
+    help_text = build_parser().format_help()
+    assert "--seeds" in help_text and "--max-concurrent" in help_text and "--max-failures" in help_text
