@@ -1,5 +1,5 @@
-"""The process environment our jobs set, defined once: quiet defaults for every job, the demo's local-only
-settings, and which of the user's variables travel to Ray workers and submitted jobs.
+"""The process environment our jobs set, defined once: quiet defaults for every job, and which of the user's
+variables travel to Ray workers and submitted jobs. (Only the demo takes the hub away: ``jobs.demo``.)
 
 Every default is ``setdefault``: the user's own value wins. Call :func:`quiet_environment` before importing
 ray or mlflow (they read some of these at import).
@@ -24,9 +24,6 @@ QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
-# What ``segvlm demo`` adds: everything it loads is local (a tiny CLIP it writes itself), so it never needs
-# the hub, and transformers' save_pretrained progress bar would only clutter its console.
-LOCAL_ONLY_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # The user's choices, never set by a job: whether the hub may be reached (a cluster node downloading
 # openai/clip-vit-base-patch16 needs it online, an air-gapped one needs HF_HUB_OFFLINE=1), which hub, which
 # MLflow store. Passed on to Ray workers and submitted jobs only when the caller set them.
@@ -37,13 +34,6 @@ def quiet_environment() -> None:
     """Set the quiet defaults every job runs with (no telemetry); the hub is left to the user."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-
-
-def local_only_environment() -> None:
-    """The quiet defaults plus no hub access: for a job that loads only files it wrote (the demo)."""
-    for key, value in LOCAL_ONLY_ENV.items():
-        os.environ.setdefault(key, value)
-    quiet_environment()
 
 
 def job_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
