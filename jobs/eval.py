@@ -573,10 +573,6 @@ def argument_error(args: argparse.Namespace) -> str | None:
             return f"--{err}"
     if args.out and _inside(_absolute(args.out), _absolute(args.checkpoint)):
         return f"--out {args.out} lies inside the checkpoint {args.checkpoint}; pick another folder"
-    try:
-        _split_of(args)
-    except ValueError as err:
-        return str(err)
     return None
 
 
@@ -585,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     if (error := argument_error(args)) is not None:
         print(f"segvlm eval: {error}")
         return 2
-    split = _split_of(args)
+    try:
+        split = _split_of(args)  # lists a bare --data folder once, before Ray starts
+    except ValueError as err:
+        print(f"segvlm eval: {err}")
+        return 2
     out = args.out or default_out(_absolute(args.checkpoint), split or "datasets")
     from pipeline import storage
 
