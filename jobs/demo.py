@@ -5,15 +5,17 @@ Launch::
     segvlm demo                       # or: make demo
     segvlm demo --workdir runs/demo --train-seconds 450 --images 2000
 
-Synthetic scenes → ``prepare`` (train with synthetic prompts; val; test) → a tiny CLIP saved with
-``save_pretrained`` and loaded back with ``from_pretrained`` → ``train`` on a local Ray instance with 2 CPU
-workers → ``eval`` on the test split → MLflow. Prints the test metrics, the MLflow run id and the command that
-opens the UI, and writes ``<workdir>/summary.json``.
+Synthetic scenes → ``prepare`` (train with synthetic prompts; val; test with negative prompts) → a tiny CLIP
+saved with ``save_pretrained`` and loaded back with ``from_pretrained`` → ``train`` on a local Ray instance
+with 2 CPU workers → ``eval`` on the test split → MLflow. Prints the test metrics (mean IoU by phrase type and
+the negatives' no-target accuracy among them), the MLflow run id and the command that opens the UI, and
+writes ``<workdir>/summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -131,11 +133,46 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             for k in ("run_id", "run_name", "steps", "best_score", "best_step", "best_checkpoint")
         },
         "tracking_uri": trained["tracking_uri"],
+        **type_and_negative_metrics(report),
         # the floor: marking every shape whatever the phrase
         "test_every_shape_mean_iou": scene_summary["every_shape_mean_iou"]["test"],
     }
     write_bytes_atomic(workdir / "summary.json", to_json(summary, indent=2, sort_keys=True).encode())
     return summary | {"experiment": cfg.tracking.experiment, "path": str(workdir / "summary.json")}
+
+
+def type_and_negative_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's explicit blocks: ``by_type`` (mean IoU of each phrase type; null for a type the test
+    split lacks) and ``negatives`` (the negative prompts: their count and the share predicted empty, null
+    without any). Values as the report holds them (strict JSON: null, never NaN)."""
+    from segvlm.vocabulary import PHRASE_TYPES
+
+    def value(key: str) -> float | None:
+        v = report.get(key)
+        return None if v is None or math.isnan(v) else float(v)
+
+    return {
+        "by_type": {t: value(f"official/{t}/mean_iou") for t in PHRASE_TYPES},
+        "negatives": {
+            "count": round(report.get("official/negative/count") or 0),
+            "no_target_accuracy": value("official/negative/empty_rate"),
+        },
+    }
+
+
+def format_type_and_negative_lines(summary: dict[str, Any]) -> list[str]:
+    """Two lines: mean IoU by phrase type, and how many negatives were predicted empty."""
+    by_type = "  ".join(f"{t} {'–' if v is None else f'{v:.2f}'}" for t, v in summary["by_type"].items())
+    negatives = summary["negatives"]
+    count, accuracy = negatives["count"], negatives["no_target_accuracy"]
+    if count and accuracy is not None:
+        empty = f"{round(accuracy * count)} of {count} ({100 * accuracy:.0f}%)"
+    else:
+        empty = "– (no negative prompts in this test split)"
+    return [
+        f"mean IoU by phrase type: {by_type}",
+        f"no-target accuracy (negatives predicted empty): {empty}",
+    ]
 
 
 def print_summary(summary: dict[str, Any], *, workdir_arg: str) -> None:
@@ -154,6 +191,7 @@ def print_summary(summary: dict[str, Any], *, workdir_arg: str) -> None:
         f"marks every shape, ignoring the phrase, scores mean IoU {summary['test_every_shape_mean_iou']:.2f} "
         "on this test split)"
     )
+    print("\n".join(format_type_and_negative_lines(summary)))
     stages = {k: v for k, v in timings.items() if k != "total"}
     print(f"\nsteps trained: {trained['steps']}  total time: {timings['total']:.0f} s  {stages}")
     print(f"MLflow run: {trained['run_id']}  (experiment {summary['experiment']!r})")

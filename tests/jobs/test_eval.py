@@ -12,7 +12,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from jobs.eval import cross_dataset_table, detect_protocol, main, parse_data, run_cross_eval, table_files
+from jobs.eval import (
+    cross_dataset_table,
+    detect_protocol,
+    main,
+    parse_data,
+    report_markdown,
+    run_cross_eval,
+    table_files,
+)
 from pipeline.schema import ImageRecord, Task
 from pipeline.shards import iter_shard_set, write_shard
 from segvlm.masks import encode_rle, rasterize_polygons
@@ -140,6 +148,38 @@ def test_cross_dataset_table_files() -> None:
     assert md[2].startswith("| gref-val | grefcoco |") and md[2].endswith(
         "| 0.5000 | 0.2500 | 1.0000 | – | 4 |"
     )
+
+
+def test_report_md_shows_each_phrase_type_and_the_negatives_no_target_accuracy() -> None:
+    # a PhraseCut report as report.json holds it (hand-made): two phrase types seen, 4 negatives
+    report = {
+        "protocol": "phrasecut",
+        "official/mean_iou": 0.625,
+        "official/count": 2.0,
+        "official/name/mean_iou": 0.5,
+        "official/name/count": 1.0,
+        "official/attribute/mean_iou": None,
+        "official/attribute/count": 0.0,
+        "official/relation/mean_iou": 0.75,
+        "official/relation/count": 1.0,
+        "official/verbose/mean_iou": None,
+        "official/verbose/count": 0.0,
+        "official/negative/count": 4.0,
+        "official/negative/empty_rate": 0.75,
+        "threshold": 0.3,
+    }
+    lines = report_markdown(report).splitlines()
+    assert lines[:5] == [
+        "protocol: **phrasecut**",
+        "",
+        "**official**",
+        "",
+        "| subset | mean_iou | count | empty_rate |",
+    ]
+    assert "| name | 0.5000 | 1 |  |" in lines and "| relation | 0.7500 | 1 |  |" in lines
+    assert "| attribute | – | 0 |  |" in lines and "| verbose | – | 0 |  |" in lines
+    # the negatives' row: their count and the share predicted empty (no target)
+    assert "| negative |  | 4 | 0.7500 |" in lines
 
 
 # ------------------------------------------------------------------------------------------ end to end
