@@ -30,7 +30,7 @@ first stays behind unfinished); a trial that still fails is reported as failed, 
 ``+words``          loss.words=<the config's> (the word objective brings its head; only when the config uses the
                     word losses; the demo's model)
 ``+relations``      decoder.relational_context=true decoder.relative_position=true (only when the config turns
-                    them on; the demo's model)
+                    them on)
 ==================  =====================================================================================
 
 The parent run gets ``ablation.md`` (per rung: mean ± sample standard deviation over the seeds, and the

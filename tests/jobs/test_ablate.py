@@ -23,7 +23,8 @@ def test_ladder_pure_helpers():
     from jobs.config import ExperimentConfig
     from segvlm.config import load_config
 
-    base = load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0"])
+    relations = ["model.decoder.relational_context=true", "model.decoder.relative_position=true"]
+    base = load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *relations])
     rungs = ladder(base.loss, base.model.decoder)
     assert [r.name for r in rungs] == [
         "bce",
@@ -34,7 +35,7 @@ def test_ladder_pure_helpers():
         "+xattn+projector",
         "+text_kernel",
         "+words",  # the demo config trains with the word losses
-        "+relations",  # ... and turns the decoder's relation parts on
+        "+relations",  # ... and here turns the decoder's relation parts on
     ]
     no_words = ladder(dataclasses.replace(base.loss, words=0.0), base.model.decoder)
     assert [r.name for r in no_words] == [r.name for r in rungs if r.name != "+words"]
@@ -45,7 +46,7 @@ def test_ladder_pure_helpers():
         select_rungs(rungs, "bce,+nope")
 
     def cfg(i):
-        return load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *rung_overrides(rungs, i)])
+        return load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *relations, *rung_overrides(rungs, i)])
 
     bce, raf, full = cfg(0), cfg(1), cfg(len(rungs) - 1)
     assert (bce.loss.bce, bce.loss.focal, bce.loss.dice) == (1.0, 0.0, 0.0)
