@@ -46,7 +46,9 @@ def test_ladder_pure_helpers():
         select_rungs(rungs, "bce,+nope")
 
     def cfg(i):
-        return load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *relations, *rung_overrides(rungs, i)])
+        return load_config(
+            ExperimentConfig, CONFIG, ["loss.focal=2.0", *relations, *rung_overrides(rungs, i)]
+        )
 
     bce, raf, full = cfg(0), cfg(1), cfg(len(rungs) - 1)
     assert (bce.loss.bce, bce.loss.focal, bce.loss.dice) == (1.0, 0.0, 0.0)
