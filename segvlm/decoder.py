@@ -10,7 +10,7 @@ Per extracted layer i, deepest first (CLIPSeg)::
 
     a = reduces[i](h_i) (+ a)                       B×(1+N)×D
     a = film(a, film_mul(c), film_add(c))            at i == conditional_layer
-    a = layers[i](a)                                 post-norm self-attention + ReLU MLP
+    a = layers[i](a)                                 post-norm self-attention + ReLU MLP [relative_position: offset bias]
     a = cross_attn[i](a, text)                       [cross_attention] gated, identity at init
     x = a[:, 1:] as B×D×h×w                          drop CLS
     x = projector(x, phrase)                         [projector] + 0-init 1×1 conv of a similarity map
@@ -20,8 +20,8 @@ Per extracted layer i, deepest first (CLIPSeg)::
     logits = <head features, kernel(phrase)> + bias  [head="text_kernel"] at 1/4 resolution, then bilinear ×4
 
 ``SegDecoder.forward`` returns a :class:`DecoderOutput`: the logits and what the switches computed on the way
-(deformable offsets and modulation, the projector's similarity map, the relational context's reference map). Training-only heads live with their
-objectives (``segvlm.task``), not here.
+(deformable offsets and modulation, the projector's similarity map, the relational context's reference
+map). Training-only heads live with their objectives (``segvlm.task``), not here.
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ class SegDecoder(nn.Module):
         cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
         (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
-        ``stem_proj``; relational_context → ``relational``; ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4`` (the
-        one choice that removes a CLIPSeg parameter: the last ConvT).
+        ``stem_proj``; relational_context → ``relational``; relative_position → ``rel_pos.{i}`` (one bias per
+        decoder layer); ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4``
+        (the one choice that removes a CLIPSeg parameter: the last ConvT).
     """
 
     def __init__(
