@@ -29,6 +29,8 @@ first stays behind unfinished); a trial that still fails is reported as failed, 
 ``+text_kernel``    decoder.head=text_kernel
 ``+words``          loss.words=<the config's> (the word objective brings its head; only when the config uses the
                     word losses; the demo's model)
+``+relations``      decoder.relational_context=true decoder.relative_position=true (only when the config turns
+                    them on)
 ==================  =====================================================================================
 
 The parent run gets ``ablation.md`` (per rung: mean ± sample standard deviation over the seeds, and the
@@ -64,6 +66,7 @@ from jobs.common import init_ray, to_json
 from jobs.environment import quiet_environment
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
+RELATION_SWITCHES = ("relational_context", "relative_position")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,16 +79,17 @@ class Rung:
     adds: tuple[str, ...]
 
 
-def ladder(loss: Any) -> list[Rung]:
+def ladder(loss: Any, decoder: Any = None) -> list[Rung]:
     """The rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf`` and, when it
-    uses the word losses, their weight in an eighth rung ``+words``."""
+    uses the word losses, their weight in a rung ``+words``; a rung ``+relations`` comes last when
+    ``decoder`` (the base config's ``DecoderConfig``) turns on the relation parts."""
     rungs = [
         Rung(
             "bce",
             "bce",
             "CLIPSeg baseline (BCE only, plain decoder)",
             (
-                *(f"model.decoder.{s}=false" for s in SWITCHES),
+                *(f"model.decoder.{s}=false" for s in (*SWITCHES, *RELATION_SWITCHES)),
                 "model.decoder.head=convt",
                 "loss.bce=1.0",
                 "loss.focal=0.0",
@@ -122,6 +126,16 @@ def ladder(loss: Any) -> list[Rung]:
                 "words",
                 "word losses: the target region and the phrase name the subject's words",
                 (f"loss.words={loss.words!r}",),
+            )
+        )
+    relations = [s for s in RELATION_SWITCHES if decoder is not None and getattr(decoder, s)]
+    if relations:
+        rungs.append(
+            Rung(
+                "+relations",
+                "relations",
+                "where the reference object lies, and attention biased by token offsets",
+                tuple(f"model.decoder.{s}=true" for s in relations),
             )
         )
     return rungs
@@ -453,7 +467,7 @@ def run_ablation(
         eval_split=eval_split,
         eval_data=eval_data,
     )
-    ladder_rungs = tuple(ladder(base.loss))
+    ladder_rungs = tuple(ladder(base.loss, base.model.decoder))
     chosen = select_rungs(ladder_rungs, rungs)
     name = name or time.strftime("ablation-%Y%m%d-%H%M%S")
     workdir = Path(base.workdir).resolve()

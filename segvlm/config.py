@@ -72,6 +72,12 @@ class DecoderConfig:
     norm: str = "group"  # registry name in segvlm.layers.create_norm
     act: str = "gelu"  # registry name in segvlm.layers.create_act
     stem_skip: bool = False  # add the conv stem's 1/4-resolution features into the upsampler
+    # where the phrase's reference object lies, seen from each position ("right of the small hexagon"):
+    # segvlm.layers.relational_context, after the projector
+    relational_context: bool = False
+    # a learned bias of each decoder self-attention head by the offset between two tokens
+    # (segvlm.layers.relative_position; zero at init)
+    relative_position: bool = False
     # CLIPSeg's head: conv3x3 → ReLU → ConvT → ReLU → ConvT (CIDAS/clipseg-rd64-refined); False = the
     # single ConvT(D → 1, kernel = stride = patch) of HF's default use_complex_transposed_convolution=False
     complex_transposed_convolution: bool = True

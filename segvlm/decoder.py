@@ -10,17 +10,18 @@ Per extracted layer i, deepest first (CLIPSeg)::
 
     a = reduces[i](h_i) (+ a)                       B×(1+N)×D
     a = film(a, film_mul(c), film_add(c))            at i == conditional_layer
-    a = layers[i](a)                                 post-norm self-attention + ReLU MLP
+    a = layers[i](a)                                 post-norm self-attention + ReLU MLP [relative_position: offset bias]
     a = cross_attn[i](a, text)                       [cross_attention] gated, identity at init
     x = a[:, 1:] as B×D×h×w                          drop CLS
     x = projector(x, phrase)                         [projector] + 0-init 1×1 conv of a similarity map
+    x = relational(x, text)                          [relational_context] where the reference object lies
     x = refine(x, phrase)                            [deformable / se / residual]
     logits = head(x (+ stem))                        [stem_skip] after the first ConvT
     logits = <head features, kernel(phrase)> + bias  [head="text_kernel"] at 1/4 resolution, then bilinear ×4
 
 ``SegDecoder.forward`` returns a :class:`DecoderOutput`: the logits and what the switches computed on the way
-(deformable offsets and modulation, the projector's similarity map). Training-only heads live with their
-objectives (``segvlm.task``), not here.
+(deformable offsets and modulation, the projector's similarity map, the relational context's reference
+map). Training-only heads live with their objectives (``segvlm.task``), not here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 from segvlm.config import ConfigError, DecoderConfig
 from segvlm.layers import (
     GatedCrossAttention,
+    RelationalContext,
+    RelativePositionBias,
     ResidualRefinementBlock,
     TextImageProjector,
     film,
@@ -58,12 +61,15 @@ class DecoderOutput:
         offsets: B×18×h×w offsets (Δy, Δx per 3×3 tap) of the deformable conv, with grad; None without it.
         modulation: B×9×h×w modulation masks in (0, 1) of the deformable conv; None without it.
         similarity: B×1×h×w scaled phrase–location cosine similarity of the projector; None without it.
+        reference: B×h×w distribution of the phrase's reference object over the token grid (relational
+            context); None without it.
     """
 
     logits: Tensor
     offsets: Tensor | None = None
     modulation: Tensor | None = None
     similarity: Tensor | None = None
+    reference: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -136,14 +142,15 @@ class DecoderAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``bias``: an additive attention bias broadcastable to B×heads×N×N (relative positions)."""
         b, n, d = x.shape
         # B×N×D → B×heads×N×D/heads
         q, k, v = (
             p(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -171,8 +178,8 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(dim, hidden_dim=intermediate_size, act_layer=nn.ReLU)
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.layer_norm1(x + self.self_attn(x))
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        x = self.layer_norm1(x + self.self_attn(x, bias))
         return self.layer_norm2(x + self.mlp(x))
 
 
@@ -191,8 +198,9 @@ class SegDecoder(nn.Module):
         cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
         (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
-        ``stem_proj``; ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4`` (the
-        one choice that removes a CLIPSeg parameter: the last ConvT).
+        ``stem_proj``; relational_context → ``relational``; relative_position → ``rel_pos.{i}`` (one bias per
+        decoder layer); ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4``
+        (the one choice that removes a CLIPSeg parameter: the last ConvT).
     """
 
     def __init__(
@@ -248,6 +256,12 @@ class SegDecoder(nn.Module):
             else None
         )
         self.cross_attn_text = nn.Linear(text_width, d) if cfg.cross_attention and not cfg.projector else None
+        self.rel_pos = (
+            nn.ModuleList(RelativePositionBias(cfg.num_heads) for _ in range(num_layers))
+            if cfg.relative_position
+            else None
+        )
+        self.relational = RelationalContext(d, text_width=text_width) if cfg.relational_context else None
         self.refine = (
             ResidualRefinementBlock(
                 d,
@@ -297,7 +311,7 @@ class SegDecoder(nn.Module):
 
         Returns:
             :class:`DecoderOutput`: logits B×1×H×W, and ``offsets`` / ``modulation`` (deformable) and
-            ``similarity`` (projector) when those are on.
+            ``similarity`` (projector), ``reference`` (relational context) when those are on.
         """
         if len(activations) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} activations, got {len(activations)}")
@@ -332,14 +346,16 @@ class SegDecoder(nn.Module):
             a = reduced if a is None else reduced + a
             if i == self.conditional_layer:
                 a = film(a, self.film_mul(cond), self.film_add(cond))
-            a = layer(a)
+            a = layer(a, None if self.rel_pos is None else self.rel_pos[i](h, w))
             if self.cross_attn is not None:
                 a = self.cross_attn[i](a, text, text_mask, pos, text_pos)
 
         x = a[:, 1:, :].transpose(1, 2).reshape(b, -1, h, w)  # B×D×h×w, row-major tokens
-        similarity = offsets = modulation = None
+        similarity = offsets = modulation = reference = None
         if self.projector is not None:
             x, similarity = self.projector(x, phrase)
+        if self.relational is not None:
+            x, reference = self.relational(x, text_tokens, text_mask)
         if self.refine is not None:
             x, offsets, modulation = self.refine(x, phrase)
         skip = None
@@ -350,7 +366,9 @@ class SegDecoder(nn.Module):
         logits = self._head(x, skip, phrase)
         if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-        return DecoderOutput(logits, offsets=offsets, modulation=modulation, similarity=similarity)
+        return DecoderOutput(
+            logits, offsets=offsets, modulation=modulation, similarity=similarity, reference=reference
+        )
 
     def _head(self, x: Tensor, skip: Tensor | None, phrase: Tensor) -> Tensor:
         """B×D×h×w → B×1×(h·patch)×(w·patch) logits, or B×1×(h·patch/4)×(w·patch/4) with the text kernel.

@@ -7,6 +7,8 @@ from segvlm.layers.deform_conv import LanguageConditionedDeformConv2d, deform_co
 from segvlm.layers.film import FiLM, film
 from segvlm.layers.projector import TextImageProjector
 from segvlm.layers.refinement import LayerScale2d, ResidualRefinementBlock
+from segvlm.layers.relational_context import RelationalContext, directional_maps
+from segvlm.layers.relative_position import RelativePositionBias
 from segvlm.layers.squeeze_excite import SqueezeExcite
 from segvlm.layers.word_head import WordHead
 
@@ -17,6 +19,8 @@ __all__ = [
     "LayerNorm2d",
     "LayerScale2d",
     "QuickGELU",
+    "RelationalContext",
+    "RelativePositionBias",
     "ResidualRefinementBlock",
     "SqueezeExcite",
     "TextImageProjector",
@@ -25,6 +29,7 @@ __all__ = [
     "create_norm",
     "deform_conv2d",
     "deform_conv2d_native",
+    "directional_maps",
     "film",
     "get_act_layer",
     "get_norm_layer",

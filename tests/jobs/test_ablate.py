@@ -23,8 +23,9 @@ def test_ladder_pure_helpers():
     from jobs.config import ExperimentConfig
     from segvlm.config import load_config
 
-    base = load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0"])
-    rungs = ladder(base.loss)
+    relations = ["model.decoder.relational_context=true", "model.decoder.relative_position=true"]
+    base = load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *relations])
+    rungs = ladder(base.loss, base.model.decoder)
     assert [r.name for r in rungs] == [
         "bce",
         "+raf",
@@ -34,19 +35,34 @@ def test_ladder_pure_helpers():
         "+xattn+projector",
         "+text_kernel",
         "+words",  # the demo config trains with the word losses
+        "+relations",  # ... and here turns the decoder's relation parts on
     ]
-    assert [r.name for r in ladder(dataclasses.replace(base.loss, words=0.0))] == [r.name for r in rungs[:-1]]
+    no_words = ladder(dataclasses.replace(base.loss, words=0.0), base.model.decoder)
+    assert [r.name for r in no_words] == [r.name for r in rungs if r.name != "+words"]
+    assert [r.name for r in ladder(base.loss)] == [r.name for r in rungs[:-1]]
     assert select_rungs(rungs, "raf,bce") == [0, 1]
-    assert select_rungs(rungs, None) == list(range(8))
+    assert select_rungs(rungs, None) == list(range(9))
     with pytest.raises(SystemExit):
         select_rungs(rungs, "bce,+nope")
 
     def cfg(i):
-        return load_config(ExperimentConfig, CONFIG, ["loss.focal=2.0", *rung_overrides(rungs, i)])
+        return load_config(
+            ExperimentConfig, CONFIG, ["loss.focal=2.0", *relations, *rung_overrides(rungs, i)]
+        )
 
     bce, raf, full = cfg(0), cfg(1), cfg(len(rungs) - 1)
     assert (bce.loss.bce, bce.loss.focal, bce.loss.dice) == (1.0, 0.0, 0.0)
-    assert not any(getattr(bce.model.decoder, s) for s in ("deformable", "residual", "se", "cross_attention"))
+    assert not any(
+        getattr(bce.model.decoder, s)
+        for s in (
+            "deformable",
+            "residual",
+            "se",
+            "cross_attention",
+            "relational_context",
+            "relative_position",
+        )
+    )
     assert bce.model.decoder.head == "convt" and bce.loss.words == 0.0
     assert (raf.loss.bce, raf.loss.focal, raf.loss.dice) == (1.0, 2.0, 1.0)
     assert raf.model.decoder == bce.model.decoder
@@ -56,7 +72,8 @@ def test_ladder_pure_helpers():
     )
     assert full.model.decoder.head == "text_kernel" and full.loss.words > 0
     # +words changes the loss only: the word head belongs to the training task, not the model
-    assert cfg(len(rungs) - 2).model == full.model
+    assert cfg(len(rungs) - 3).model == cfg(len(rungs) - 2).model
+    assert full.model.decoder.relational_context and full.model.decoder.relative_position
     assert full.model.decoder == base.model.decoder and full.loss == base.loss
 
     # each rung adds exactly what its switch adds: the loss rung nothing, every module rung something

@@ -11,7 +11,16 @@ from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 from segvlm.config import DecoderConfig
 from segvlm.decoder import SegDecoder
 
-SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual", "stem_skip")
+SWITCHES = (
+    "cross_attention",
+    "projector",
+    "deformable",
+    "se",
+    "residual",
+    "stem_skip",
+    "relational_context",
+    "relative_position",
+)
 ALL_ON = dict.fromkeys(SWITCHES, True)
 STEM_CHANNELS = 8
 
@@ -103,7 +112,7 @@ def test_all_on_equals_clipseg_at_init(clipseg_run):
     dec = build(model, **ALL_ON).eval()
     missing, unexpected = dec.load_state_dict(decoder_state(model), strict=False)
     assert unexpected == []
-    new_prefixes = ("cross_attn.", "projector.", "refine.", "stem_proj.")
+    new_prefixes = ("cross_attn.", "projector.", "refine.", "stem_proj.", "relational.", "rel_pos.")
     assert missing and all(k.startswith(new_prefixes) for k in missing)
     stem = torch.randn(2, STEM_CHANNELS, 16, 16)
     with torch.no_grad():
@@ -112,6 +121,8 @@ def test_all_on_equals_clipseg_at_init(clipseg_run):
     assert out.offsets.shape == (2, 18, 4, 4) and out.similarity.shape == (2, 1, 4, 4)
     assert out.modulation.shape == (2, 9, 4, 4)
     assert torch.count_nonzero(out.offsets) == 0
+    assert out.reference.shape == (2, 4, 4)
+    assert torch.allclose(out.reference.sum(dim=(1, 2)), torch.ones(2))
 
 
 def test_all_on_gets_gradients_where_it_should(clipseg_run):
@@ -126,6 +137,8 @@ def test_all_on_gets_gradients_where_it_should(clipseg_run):
         "projector.sim_proj.weight",
         "refine.layer_scale.gamma",
         "stem_proj.weight",
+        "relational.out.weight",
+        "rel_pos.0.mlp.2.weight",
         "film_mul.weight",
     ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
@@ -153,6 +166,8 @@ def test_non_complex_head_matches_clipseg():
         ("se", ("refine.se.",)),
         ("residual", ("refine.layer_scale.", "refine.conv.", "refine.norm.")),
         ("stem_skip", ("stem_proj.",)),
+        ("relational_context", ("relational.",)),
+        ("relative_position", ("rel_pos.",)),
     ],
 )
 def test_each_switch_adds_exactly_its_modules(switch, prefixes):

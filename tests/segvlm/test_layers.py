@@ -14,6 +14,8 @@ from segvlm.layers import (
     GatedCrossAttention,
     LanguageConditionedDeformConv2d,
     LayerNorm2d,
+    RelationalContext,
+    RelativePositionBias,
     ResidualRefinementBlock,
     SqueezeExcite,
     TextImageProjector,
@@ -21,6 +23,7 @@ from segvlm.layers import (
     create_norm,
     deform_conv2d,
     deform_conv2d_native,
+    directional_maps,
     film,
     group_count,
     sincos_2d,
@@ -231,3 +234,83 @@ def test_registries():
         create_act("swish")
     with pytest.raises(ValueError, match=r"unknown norm 'instance'.*group"):
         create_norm("instance", 8)
+
+
+def test_directional_maps_by_hand():
+    # 2×3 grid; reference mass 1 at row 0, column 1
+    one = torch.zeros(1, 2, 3)
+    one[0, 0, 1] = 1.0
+    maps = directional_maps(one)
+    # horizontal: +1 where the reference lies to the left (column 2), -1 to the right (column 0), own column 0
+    assert maps[0, 0].tolist() == [[-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0]]
+    # vertical: the reference is in row 0: own row 0, +1 below it
+    assert maps[0, 1].tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    # split mass: 0.25 at (1, 0), 0.75 at (0, 2)
+    split = torch.zeros(1, 2, 3)
+    split[0, 1, 0], split[0, 0, 2] = 0.25, 0.75
+    maps = directional_maps(split)
+    # column 0: west = 0.125 (own half), east = 0.875 -> -0.75; column 1: 0.25 - 0.75 = -0.5;
+    # column 2: west = 0.25 + 0.375 = 0.625, east = 0.375 -> 0.25
+    assert torch.allclose(maps[0, 0, 0], torch.tensor([-0.75, -0.5, 0.25]))
+    # row 0: north = 0.375, south = 0.625 -> -0.25; row 1: north = 0.75 + 0.125 = 0.875 -> 0.75
+    assert torch.allclose(maps[0, 1, :, 0], torch.tensor([-0.25, 0.75]))
+
+
+def test_relational_context_is_identity_at_init_and_reads_only_real_tokens():
+    torch.manual_seed(0)
+    block = RelationalContext(8, text_width=6)
+    x, text = torch.randn(2, 8, 3, 4), torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y, reference = block(x, text, mask)
+    assert torch.equal(y, x)
+    assert reference.shape == (2, 3, 4) and torch.allclose(reference.sum(dim=(1, 2)), torch.ones(2))
+    with torch.no_grad():
+        block.out.weight.normal_()
+    y, reference = block(x, text, mask)
+    assert not torch.allclose(y, x)
+    padded = text.clone()
+    padded[:, 3:] = 100.0  # tokens 3-4: padding of phrase 0, real words of phrase 1
+    y2, reference2 = block(x, padded, mask)
+    assert torch.allclose(y2[0], y[0]) and torch.allclose(reference2[0], reference[0])
+    assert not torch.allclose(y2[1], y[1])  # phrase 1 reads its changed words
+
+
+def test_relational_context_context_follows_the_reference():
+    """With ``key`` and the roles set so that the reference is the position whose feature matches the text,
+    the context written at each position is the hand-computed map of where that position lies."""
+    block = RelationalContext(2, text_width=2)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()
+        block.text_norm.weight.fill_(1.0)
+        block.text.weight.copy_(torch.eye(2) * 50.0)  # tokens [1, -1] -> values [50, -50]
+        block.key.weight.copy_(torch.eye(2)[:, :, None, None])
+        block.out.bias[0] = 1.0  # map 0 (horizontal) written into channel 0 for every phrase
+    x = torch.zeros(1, 2, 1, 3)
+    x[0, :, 0, 2] = torch.tensor([1.0, -1.0])  # the only position that matches the phrase's words
+    text = torch.tensor([[[1.0, -1.0]]])
+    y, reference = block(x, text, torch.ones(1, 1, dtype=torch.bool))
+    assert reference[0, 0].argmax().item() == 2 and reference[0, 0, 2] > 0.99
+    # the reference is the right-most column: every position is left of it (-1), its own column 0
+    assert torch.allclose(y[0, 0, 0], torch.tensor([-1.0, -1.0, 1.0 + 0.0]), atol=0.02)
+
+
+def test_relative_position_bias_depends_on_the_offset_only_and_starts_at_zero():
+    torch.manual_seed(0)
+    bias = RelativePositionBias(3, hidden_dim=8)
+    assert bias(2, 3).shape == (1, 3, 7, 7) and torch.count_nonzero(bias(2, 3)) == 0
+    with torch.no_grad():
+        bias.mlp[2].weight.normal_()
+    b = bias(3, 4)[0]  # heads×13×13, CLS first
+    assert torch.count_nonzero(b[:, 0]) == 0 and torch.count_nonzero(b[:, :, 0]) == 0  # CLS: no bias
+    grid = b[:, 1:, 1:]
+
+    def index(y, x):
+        return y * 4 + x
+
+    # same offset, same bias: (0,0)->(1,2) and (1,1)->(2,3); another offset differs
+    torch.testing.assert_close(grid[:, index(0, 0), index(1, 2)], grid[:, index(1, 1), index(2, 3)])
+    assert not torch.allclose(grid[:, index(0, 0), index(1, 2)], grid[:, index(1, 2), index(0, 0)])
+    # the MLP sees offsets normalised by the grid's side: key − query
+    expected = bias.mlp(torch.tensor([[1 / 2, 2 / 3]])).flatten()
+    torch.testing.assert_close(grid[:, index(0, 0), index(1, 2)], expected)
