@@ -4,10 +4,10 @@ steps in one process, then score it per phrase type and see where relation phras
 Run from the repository root, on a folder a demo run left (``segvlm demo --workdir DIR``: its scenes, shards
 and tiny CLIP)::
 
-    .venv/bin/python benchmarks/demo_side_by_side.py train --out runs/exp/base --data DIR --steps 700 --seed 0
-    .venv/bin/python benchmarks/demo_side_by_side.py train --out runs/exp/rel --data DIR --steps 700 --seed 0 \\
-        model.decoder.relational_context=true model.decoder.relative_position=true
-    .venv/bin/python benchmarks/demo_side_by_side.py score runs/exp/base/checkpoint --data DIR --split val
+    .venv/bin/python benchmarks/demo_side_by_side.py train --out runs/exp/demo --data DIR --steps 1400 --seed 2
+    .venv/bin/python benchmarks/demo_side_by_side.py train --out runs/exp/norel --data DIR --steps 1400 --seed 2 \\
+        model.decoder.relational_context=false model.decoder.relative_position=false
+    .venv/bin/python benchmarks/demo_side_by_side.py score runs/exp/demo/checkpoint --data DIR --split val
 
 ``train`` runs ``configs/demo.yaml`` (plus overrides) with one worker and one thread, the demo's global batch
 (64 phrases), so two experiments run side by side on a 2-core machine without disturbing each other's
