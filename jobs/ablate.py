@@ -63,7 +63,7 @@ from jobs.ablation_report import (
     trial_key,
 )
 from jobs.common import init_ray, to_json
-from jobs.environment import quiet_environment
+from jobs.environment import local_only_environment, quiet_environment
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
 RELATION_SWITCHES = ("relational_context", "relative_position")
@@ -324,6 +324,13 @@ def _trial_error(trial: Any) -> str:
     return _error_line(Path(path).read_text() if path and Path(path).is_file() else trial.get_error())
 
 
+def console(line: str) -> None:
+    """The default ``log``: prints through whatever ``print`` is at call time. Tune pickles its callbacks,
+    and Ray swaps ``builtins.print`` in the driver (its progress bars do), so a callback holding the
+    builtin itself would fail to pickle."""
+    print(line, flush=True)
+
+
 def _progress_callback(
     rungs: Sequence[Rung], total: int, max_failures: int, log: Callable[[str], None]
 ) -> Any:
@@ -379,7 +386,7 @@ def run_trials(
     max_concurrent: int,
     max_failures: int,
     storage: str,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = console,
 ) -> list[dict[str, Any]]:
     """Run the grid ``chosen`` rungs × ``seeds`` as Tune trials; return one row per trial, in ladder then
     seed order: ``run_trial``'s row (``status`` ``ok``), or ``status`` ``failed`` with its ``error``;
@@ -442,7 +449,7 @@ def run_ablation(
     tracking_uri: str | None = None,
     ray_address: str | None = None,
     step_hooks: Mapping[str, Callable[[int, int], None]] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = console,
 ) -> dict[str, Any]:
     """Train and evaluate the selected rungs × ``seeds`` as Tune trials under one MLflow parent run; return
     ``{parent_run_id, name, tracking_uri, rows, trials, best, table, out_dir}`` (``rows``: one summary per
@@ -748,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
     """Build (or reuse) the demo's data; the overrides that train on it, and its test shards."""
+    local_only_environment()
     init_ray(args.ray_address, num_cpus=None if args.ray_address else os.cpu_count())
     from jobs.demo_data import build_demo_data
 

@@ -153,3 +153,28 @@ def test_main_refuses_bad_sweep_arguments_before_starting_anything(capsys):
             main(config + argv)
     help_text = build_parser().format_help()
     assert "--seeds" in help_text and "--max-concurrent" in help_text and "--max-failures" in help_text
+
+
+def test_progress_callback_pickles_after_ray_swaps_print(monkeypatch, capsys):
+    """Tune pickles its callbacks; Ray's progress bars replace ``builtins.print`` in the driver, and a
+    callback holding the builtin then fails with "not the same object as builtins.print"."""
+    import builtins
+    import inspect
+    import types
+
+    from ray import cloudpickle
+
+    from jobs.ablate import _progress_callback, run_ablation, run_trials
+
+    default = inspect.signature(run_trials).parameters["log"].default
+    assert inspect.signature(run_ablation).parameters["log"].default is default
+    original = builtins.print
+    lines: list[str] = []
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    with pytest.raises(Exception, match=r"builtins\.print"):
+        cloudpickle.dumps(_progress_callback(RUNGS, 3, 1, original))
+    callback = cloudpickle.loads(cloudpickle.dumps(_progress_callback(RUNGS, 3, 1, default)))
+
+    trial = types.SimpleNamespace(config={"rung": 1, "seed": 2}, num_failures=1)
+    callback.on_trial_start(0, [], trial)
+    assert lines == ["[ablate] +raf/seed2 started (attempt 2)"]
