@@ -38,6 +38,12 @@ difference of mean IoU to the previous rung with its standard error; then every 
 and ``ablation.png`` (mean IoU per rung with error bars); they are also written to ``<workdir>/<name>/``.
 The registered model ``<tracking.registered_model>-ablation`` gets one version per trial; its alias ``best``
 ends on the trial with the best validation mean IoU.
+
+A ladder too long for one sitting runs in parts (``--rungs``, ``--seeds 0,1`` …, the same overrides and
+evaluation shards); ``--combine A B …`` (their ``ablation.json`` files or folders) joins them into one table
+with the differences computed across parts, and trains nothing::
+
+    segvlm ablate --combine runs/ablate/ladder-a runs/ablate/ladder-b --workdir runs/ablate --name ladder
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -58,12 +65,14 @@ from jobs.ablation_report import (
     TRIAL_METRICS,
     aggregate,
     best_trial,
+    combine,
     error_bar_chart,
     markdown_table,
     trial_key,
 )
 from jobs.common import init_ray, to_json
 from jobs.environment import local_only_environment, quiet_environment
+from segvlm.atomic import write_bytes_atomic
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
 RELATION_SWITCHES = ("relational_context", "relative_position")
@@ -625,9 +634,7 @@ def _write_reports(
 ) -> None:
     """ablation.md/.json/.png into ``out_dir`` and onto the parent run, with the per-rung means as its metrics
     (step: the rung's index in the ladder)."""
-    (out_dir / "ablation.md").write_text(table)
-    (out_dir / "ablation.json").write_text(to_json(summary, indent=2, default=_json_default))
-    error_bar_chart(summary["rows"], out_dir / "ablation.png", split=summary["eval_split"])
+    write_report_files(out_dir, summary, table)
     for file in ("ablation.md", "ablation.json", "ablation.png"):
         client.log_artifact(parent_id, str(out_dir / file))
     for index, row in zip(chosen, summary["rows"]):
@@ -643,6 +650,14 @@ def _write_reports(
     client.set_tag(parent_id, "ablation.failed_trials", str(failed))
 
 
+def write_report_files(out_dir: Path, summary: Mapping[str, Any], table: str) -> None:
+    """``ablation.md``, ``ablation.json`` and ``ablation.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out_dir / "ablation.md", table.encode())
+    write_bytes_atomic(out_dir / "ablation.json", to_json(summary, indent=2, default=_json_default).encode())
+    error_bar_chart(summary["rows"], out_dir / "ablation.png", split=summary["eval_split"])
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -655,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Each rung × seed is a Ray Tune trial running its own Ray Train run; see the module docstring.",
     )
-    parser.add_argument("--config", required=True, help="base experiment YAML (the full SegVLM settings)")
+    parser.add_argument("--config", help="base experiment YAML (the full SegVLM settings)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides applied to every rung")
     parser.add_argument("--steps", type=int, default=None, help="train.steps per trial (no time budget)")
     parser.add_argument(
@@ -707,12 +722,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the demo data (not of training: --seeds)"
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="REPORT",
+        default=None,
+        help="trains nothing: join the ablation.json reports (or their folders) of parts of one ladder, run "
+        "with --rungs/--seeds subsets, into one report in <workdir>/<name>/",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when every trial succeeded, 1 when a trial failed (the reports list it)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.combine:
+        return combine_reports(args.combine, Path(args.workdir or "runs/ablate") / (args.name or "combined"))
+    if not args.config:
+        parser.error("--config is required (unless --combine)")
     if args.steps is not None and args.train_seconds is not None:
         raise SystemExit("segvlm ablate: give --steps or --train-seconds, not both")
     if args.max_concurrent is not None and args.max_concurrent <= 0:
@@ -751,6 +779,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow parent run: {out['parent_run_id']} ({out['tracking_uri']})")
     print(f"reports: {out['out_dir']}")
     return 1 if any(t["status"] != "ok" for t in out["trials"]) else 0
+
+
+def combine_reports(sources: Sequence[str], out_dir: Path) -> int:
+    """``--combine``: read each source's ``ablation.json``, join them (``ablation_report.combine``) and write
+    ``ablation.md/.json/.png`` into ``out_dir``; exit 2 with the reason when they are not one ladder."""
+    reports = []
+    for source in sources:
+        path = Path(source)
+        path = path / "ablation.json" if path.is_dir() else path
+        try:
+            reports.append((str(path), json.loads(path.read_text())))
+        except (OSError, ValueError) as error:
+            print(f"segvlm ablate: cannot read the report {path}: {error}", file=sys.stderr)
+            return 2
+    try:
+        summary = combine(reports)
+    except ValueError as error:
+        print(f"segvlm ablate: {error}", file=sys.stderr)
+        return 2
+    table = markdown_table(summary["rows"], summary["trials"], split=summary["eval_split"])
+    write_report_files(out_dir, summary, table)
+    print(table)
+    print(f"reports: {out_dir}")
+    return 0
 
 
 def _demo_overrides(args: argparse.Namespace) -> tuple[list[str], str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class NamedRung(Protocol):
@@ -89,6 +89,82 @@ def aggregate(trials: Sequence[Mapping[str, Any]], rungs: Sequence[NamedRung]) -
             }
         )
     return summaries
+
+
+# what must be equal for trials of several reports to be one ladder (the workdir only says where files went)
+SAME_LADDER = ("eval_split", "eval_data", "overrides")
+
+
+def _comparable(report: Mapping[str, Any], key: str) -> Any:
+    value = report.get(key)
+    if key == "overrides":
+        return [o for o in value or () if not o.startswith("workdir=")]
+    return value
+
+
+def combine(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """One ladder from several ``ablation.json`` reports (``(source, report)`` pairs): parts of the same
+    ladder run with ``--rungs``/``--seeds`` subsets, on other days or other clusters. Their trials are joined
+    and aggregated again in ladder order (each trial's ``rung_index``), so every difference to the previous
+    rung is computed across parts. Refuses (``ValueError`` naming the sources) reports whose evaluation
+    shards or overrides differ, and a rung × seed that two reports both hold."""
+    if not reports:
+        raise ValueError("no ablation reports to combine")
+    first_source, first = reports[0]
+    for source, report in reports[1:]:
+        for key in SAME_LADDER:
+            if _comparable(report, key) != _comparable(first, key):
+                raise ValueError(
+                    f"{source}: {key} differs from {first_source} ({_comparable(report, key)!r} vs "
+                    f"{_comparable(first, key)!r}): not parts of one ladder"
+                )
+    trials: list[dict[str, Any]] = []
+    owner: dict[str, str] = {}
+    rungs: dict[str, tuple[int, str]] = {}
+    for source, report in reports:
+        descriptions = {row["rung"]: row.get("description", "") for row in report.get("rows", ())}
+        for trial in report.get("trials", ()):
+            key = trial_key(trial["rung"], trial["seed"])
+            if key in owner:
+                raise ValueError(f"{source}: trial {key} is also in {owner[key]}")
+            owner[key] = source
+            index = int(trial["rung_index"])
+            if rungs.setdefault(trial["rung"], (index, descriptions.get(trial["rung"], "")))[0] != index:
+                raise ValueError(
+                    f"{source}: rung {trial['rung']} is rung {index} here, not {rungs[trial['rung']][0]}"
+                )
+            trials.append({**trial, "source": source})
+    order = sorted(rungs.items(), key=lambda item: item[1][0])
+    named = [_ReportedRung(name, description) for name, (_, description) in order]
+    trials.sort(key=lambda t: (t["rung_index"], t["seed"]))
+    return {
+        "eval_split": first.get("eval_split", "val"),
+        "eval_data": first.get("eval_data"),
+        "overrides": _comparable(first, "overrides"),
+        "parts": [
+            {"source": source, "name": report.get("name"), "parent_run_id": report.get("parent_run_id")}
+            for source, report in reports
+        ],
+        "rows": aggregate(trials, named),
+        "trials": trials,
+        "best": _best_key(trials),
+    }
+
+
+class _ReportedRung(NamedTuple):
+    name: str
+    description: str
+
+
+def _best_key(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    best = best_trial(trials)
+    if best is None:
+        return None
+    return {
+        "trial": trial_key(best["rung"], best["seed"]),
+        "run_id": best.get("run_id"),
+        "source": best["source"],
+    }
 
 
 def best_trial(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

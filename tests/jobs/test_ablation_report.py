@@ -8,7 +8,7 @@ import math
 import pytest
 
 from jobs.ablate import Rung, default_concurrency, parse_seeds
-from jobs.ablation_report import aggregate, best_trial, difference, markdown_table, mean_sd
+from jobs.ablation_report import DELTA_KEY, aggregate, best_trial, difference, markdown_table, mean_sd
 from jobs.config import TrainConfig
 
 RUNGS = [Rung("bce", "bce", "baseline", ()), Rung("+raf", "raf", "RAF", ()), Rung("+se", "se", "SE", ())]
@@ -178,3 +178,77 @@ def test_progress_callback_pickles_after_ray_swaps_print(monkeypatch, capsys):
     trial = types.SimpleNamespace(config={"rung": 1, "seed": 2}, num_failures=1)
     callback.on_trial_start(0, [], trial)
     assert lines == ["[ablate] +raf/seed2 started (attempt 2)"]
+
+
+def report(trials: list[dict], *, name: str, overrides: tuple[str, ...] = ("train.steps=4",)) -> dict:
+    """An ``ablation.json`` as ``segvlm ablate`` writes it, for the rungs its trials cover."""
+    rungs = [r for r in RUNGS if any(t["rung"] == r.name for t in trials)]
+    return {
+        "name": name,
+        "parent_run_id": f"parent-{name}",
+        "eval_split": "test",
+        "eval_data": "/data/test",
+        "overrides": [*overrides, f"workdir=/runs/{name}"],
+        "rows": aggregate(trials, rungs),
+        "trials": trials,
+    }
+
+
+def test_combine_joins_parts_of_a_ladder_and_computes_differences_across_them():
+    from jobs.ablation_report import combine
+
+    first = [t for t in TRIALS if t["rung"] != "+se"]
+    second = [t for t in TRIALS if t["rung"] == "+se"]
+    joined = combine([("b.json", report(second, name="b")), ("a.json", report(first, name="a"))])
+    assert [row["rung"] for row in joined["rows"]] == ["bce", "+raf", "+se"]
+    assert [row["description"] for row in joined["rows"]] == ["baseline", "RAF", "SE"]
+    whole = aggregate(TRIALS, RUNGS)
+    for mine, expected in zip(joined["rows"], whole):
+        assert mine["metrics"][DELTA_KEY] == pytest.approx(expected["metrics"][DELTA_KEY], nan_ok=True)
+        assert mine["failed"] == expected["failed"]
+    # +se (one seed, 0.74) against +raf (0.70, 0.80): the difference spans the two parts
+    assert joined["rows"][2]["delta"]["diff"] == pytest.approx(0.74 - 0.75)
+    assert len(joined["trials"]) == len(TRIALS) and joined["trials"][0]["source"] == "a.json"
+    assert joined["best"] == {"trial": "+raf/seed1", "run_id": "run-+raf-1", "source": "a.json"}
+    assert joined["overrides"] == ["train.steps=4"]  # the workdirs differed; nothing else did
+
+
+def test_combine_refuses_parts_of_different_ladders_and_a_trial_held_twice():
+    from jobs.ablation_report import combine
+
+    first = [t for t in TRIALS if t["rung"] == "bce"]
+    with pytest.raises(ValueError, match=r"b\.json: overrides differs from a\.json"):
+        combine(
+            [
+                ("a.json", report(first, name="a")),
+                ("b.json", report(TRIALS[3:4], name="b", overrides=("train.steps=8",))),
+            ]
+        )
+    with pytest.raises(ValueError, match=r"b\.json: trial bce/seed1 is also in a\.json"):
+        combine([("a.json", report(first, name="a")), ("b.json", report(first[1:2], name="b"))])
+    with pytest.raises(ValueError, match="no ablation reports"):
+        combine([])
+
+
+def test_main_combine_writes_the_joined_reports(tmp_path, capsys):
+    import json
+
+    from jobs.ablate import main
+    from jobs.common import to_json
+
+    part_a, part_b = tmp_path / "a", tmp_path / "b.json"
+    part_a.mkdir()
+    (part_a / "ablation.json").write_text(to_json(report(TRIALS[:5], name="a")))
+    part_b.write_text(to_json(report(TRIALS[5:], name="b")))
+    assert main(["--combine", str(part_a), str(part_b), "--workdir", str(tmp_path), "--name", "all"]) == 0
+    out = tmp_path / "all"
+    assert sorted(p.name for p in out.iterdir()) == ["ablation.json", "ablation.md", "ablation.png"]
+    written = json.loads((out / "ablation.json").read_text())
+    assert [row["rung"] for row in written["rows"]] == ["bce", "+raf", "+se"]
+    assert written["rows"][1]["failed"] == [{"seed": 2, "error": "ValueError: boom"}]
+    assert "| `+se` | 1/1 | 74.00 ± n/a | -1.00 ± n/a |" in (out / "ablation.md").read_text()
+    assert "| `+se` | 1/1 |" in capsys.readouterr().out
+
+    (tmp_path / "broken.json").write_text('{"trials": [')
+    assert main(["--combine", str(part_a), str(tmp_path / "broken.json")]) == 2
+    assert f"cannot read the report {tmp_path / 'broken.json'}" in capsys.readouterr().err
