@@ -1,5 +1,6 @@
 """The process environment our jobs set, defined once: quiet defaults for every job, and which of the user's
-variables travel to Ray workers and submitted jobs. (Only the demo takes the hub away: ``jobs.demo``.)
+variables travel to Ray workers and submitted jobs. (Only the jobs on the demo's data take the hub away:
+``LOCAL_ONLY_ENV``.)
 
 Every default is ``setdefault``: the user's own value wins. Call :func:`quiet_environment` before importing
 ray or mlflow (they read some of these at import).
