@@ -71,7 +71,7 @@ from jobs.ablation_report import (
     trial_key,
 )
 from jobs.common import init_ray, to_json
-from jobs.environment import local_only_environment, quiet_environment
+from jobs.environment import quiet_environment
 from segvlm.atomic import write_bytes_atomic
 
 SWITCHES = ("cross_attention", "projector", "deformable", "se", "residual")
@@ -807,7 +807,8 @@ def combine_reports(sources: Sequence[str], out_dir: Path) -> int:
 
 def _demo_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
     """Build (or reuse) the demo's data; the overrides that train on it, and its test shards."""
-    local_only_environment()
+    # the tiny CLIP it writes is local: transformers' load bars (one per Ray worker) would only add noise
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     init_ray(args.ray_address, num_cpus=None if args.ray_address else os.cpu_count())
     from jobs.demo_data import build_demo_data
 

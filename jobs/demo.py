@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from jobs.common import init_ray, to_json
-from jobs.environment import local_only_environment
+from jobs.environment import quiet_environment
 from segvlm.atomic import write_bytes_atomic
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# Everything the demo loads is local (a tiny CLIP it writes itself), so it never needs the hub, and
+# transformers' save_pretrained progress bar would only clutter its console. The demo alone sets these:
+# every other job leaves the hub to the user.
+LOCAL_ONLY_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 HEADLINE = (
     "official/mean_iou",
     "official/cum_iou",
@@ -50,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")
     return parser
+
+
+def local_only_environment() -> None:
+    """The quiet defaults plus no hub access (the user's own values win)."""
+    for key, value in LOCAL_ONLY_ENV.items():
+        os.environ.setdefault(key, value)
+    quiet_environment()
 
 
 def main(argv: list[str] | None = None) -> int:

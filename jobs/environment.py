@@ -1,6 +1,5 @@
 """The process environment our jobs set, defined once: quiet defaults for every job, and which of the user's
-variables travel to Ray workers and submitted jobs. (Only the jobs on the demo's data take the hub away:
-``LOCAL_ONLY_ENV``.)
+variables travel to Ray workers and submitted jobs. (Only the demo takes the hub away: ``jobs.demo``.)
 
 Every default is ``setdefault``: the user's own value wins. Call :func:`quiet_environment` before importing
 ray or mlflow (they read some of these at import).
@@ -29,23 +28,12 @@ QUIET_ENV = {
 # openai/clip-vit-base-patch16 needs it online, an air-gapped one needs HF_HUB_OFFLINE=1), which hub, which
 # MLflow store. Passed on to Ray workers and submitted jobs only when the caller set them.
 USER_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "MLFLOW_TRACKING_URI")
-# Jobs on the demo's data (``segvlm demo``, ``segvlm ablate --demo-data``) load only the tiny CLIP they write
-# themselves, so they never need the hub, and transformers' load/save progress bars (one per Ray worker)
-# would only clutter their console. Every other job leaves the hub to the user.
-LOCAL_ONLY_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def quiet_environment() -> None:
     """Set the quiet defaults every job runs with (no telemetry); the hub is left to the user."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-
-
-def local_only_environment() -> None:
-    """The quiet defaults plus no hub access (the user's own values win)."""
-    for key, value in LOCAL_ONLY_ENV.items():
-        os.environ.setdefault(key, value)
-    quiet_environment()
 
 
 def job_env_vars(environ: Mapping[str, str]) -> dict[str, str]:

@@ -144,7 +144,8 @@ def test_ui_serves_the_store_mlflow_tracking_uri_names(monkeypatch, tmp_path, ca
 
 
 def test_the_demos_local_only_environment_goes_offline_unless_the_user_chose(monkeypatch):
-    from jobs.environment import QUIET_ENV, local_only_environment
+    from jobs.demo import local_only_environment
+    from jobs.environment import QUIET_ENV
 
     for key in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", *QUIET_ENV):
         monkeypatch.delenv(key, raising=False)
