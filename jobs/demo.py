@@ -3,7 +3,7 @@
 Launch::
 
     segvlm demo                       # or: make demo
-    segvlm demo --workdir runs/demo --train-seconds 450 --images 2000
+    segvlm demo --workdir runs/demo --train-seconds 480 --images 2000
 
 Synthetic scenes → ``prepare`` (train with synthetic prompts; val; test with negative prompts) → a tiny CLIP
 saved with ``save_pretrained`` and loaded back with ``from_pretrained`` → ``train`` on a local Ray instance
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--images", type=int, default=2000, help="synthetic scenes to render (80/10/10 split)"
     )
-    parser.add_argument("--train-seconds", type=float, default=450.0, help="training time budget")
+    parser.add_argument("--train-seconds", type=float, default=480.0, help="training time budget")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="experiment overrides, e.g. train.batch_size=16")

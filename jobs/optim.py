@@ -34,6 +34,8 @@ class OptimConfig:
             raise ConfigError(
                 f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}"
             )
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
 

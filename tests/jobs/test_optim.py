@@ -41,6 +41,17 @@ def test_optimizer_groups_split_decay_and_the_text_tower(scale: float) -> None:
         OptimConfig(text_lr_scale=0.0).validate()
 
 
+@pytest.mark.parametrize("betas", [(0.9, 1.0), (-0.1, 0.95), (0.9,)])
+def test_bad_betas_are_refused(betas: tuple[float, ...]) -> None:
+    with pytest.raises(ConfigError, match=r"optim\.betas"):
+        OptimConfig(betas=betas).validate()
+
+
+def test_betas_reach_every_group() -> None:
+    optimizer = make_optimizer(build_model(model_config("segvlm_tiny")), OptimConfig(betas=(0.9, 0.95)))
+    assert {group["betas"] for group in optimizer.param_groups} == {(0.9, 0.95)}
+
+
 def test_optimizer_of_a_training_task_scales_the_text_tower_as_the_model_alone() -> None:
     from segvlm.task import LossConfig, build_task
 
