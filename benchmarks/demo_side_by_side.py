@@ -17,8 +17,8 @@ and per phrase type; where the IoU is lost: choosing objects or drawing them (``
 snapped to whole objects, an object chosen when over half its pixels are predicted; how often exactly the
 target's objects are chosen; the mask's IoU on those phrases; and what a head at 1/4 resolution, like the
 text-kernel head, can draw at best: the target averaged over 4×4 cells, its clamped logit upsampled
-bilinearly and thresholded at 0); and for pairwise relation phrases ("the hexagon right of the small hexagon"): the share
-of predicted pixels on the reference object, how often a prediction covers most of it, and what a
+bilinearly and thresholded at 0); and for pairwise relation phrases ("the hexagon right of the small
+hexagon"): the share of predicted pixels on the reference object, how often a prediction covers most of it, and what a
 relation-blind model scores that marks every object the subject's name and attributes match.
 """
 
@@ -97,6 +97,10 @@ def train(out: Path, data: Path, steps: int, seed: int, overrides: list[str]) ->
     save_checkpoint(task.model, cfg.model, out / "checkpoint", extra={"threshold": 0.25, "step": steps})
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
 def score(checkpoint: Path, data: Path, split: str, seed: int) -> dict[str, float]:
     from PIL import Image
 
@@ -119,14 +123,14 @@ def score(checkpoint: Path, data: Path, split: str, seed: int) -> dict[str, floa
         predicted = predictor.predict(image, task["phrase"])[0] > predictor.threshold
         target_ids = [int(a.split("x")[0]) - 1 for a in task["ann_ids"]]
         target = np.isin(owner, target_ids)
-        iou = (predicted & target).sum() / max((predicted | target).sum(), 1)
+        iou = _iou(predicted, target)
         ious["all"].append(iou)
         ious[structure["type"]].append(iou)
         if target_ids:
-            objects = range(int(owner.max()) + 1)
-            chosen = [o for o in objects if (predicted & (owner == o)).sum() * 2 > (owner == o).sum() > 0]
-            snap = np.isin(owner, chosen)
-            snapped.append((snap & target).sum() / max((snap | target).sum(), 1))
+            area = np.bincount(owner[owner >= 0])
+            covered = np.bincount(owner[(owner >= 0) & predicted], minlength=len(area))
+            chosen = np.flatnonzero((covered * 2 > area) & (area > 0))  # over half of the object predicted
+            snapped.append(_iou(np.isin(owner, chosen), target))
             exact.append(set(chosen) == set(target_ids))
             if exact[-1]:
                 when_exact.append(iou)
@@ -135,7 +139,7 @@ def score(checkpoint: Path, data: Path, split: str, seed: int) -> dict[str, floa
             drawn = (
                 torch.nn.functional.interpolate(logit, size=target.shape, mode="bilinear")[0, 0].numpy() > 0
             )
-            quarter.append((drawn & target).sum() / max((drawn | target).sum(), 1))
+            quarter.append(_iou(drawn, target))
         relations = structure["relation_descriptions"]
         if structure["type"] != "relation" or relations[0][0] in SUPERLATIVES:
             continue
@@ -147,7 +151,7 @@ def score(checkpoint: Path, data: Path, split: str, seed: int) -> dict[str, floa
         name = SINGULARS.get(structure["name"], structure["name"])
         matched = [o.index for o in scene.objects if _matches(o, name, structure["attributes"])]
         marked = np.isin(owner, matched)
-        blind.append((marked & target).sum() / max((marked | target).sum(), 1))
+        blind.append(_iou(marked, target))
     result = {f"mean_iou/{k}": float(np.mean(v)) for k, v in ious.items()}
     result |= {
         "objects/snapped_mean_iou": float(np.mean(snapped)),
