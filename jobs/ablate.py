@@ -31,6 +31,7 @@ first stays behind unfinished); a trial that still fails is reported as failed, 
                     word losses; the demo's model)
 ``+relations``      decoder.relational_context=true decoder.relative_position=true (only when the config turns
                     them on)
+``+convex``         decoder.upsample=convex (only when the config upsamples so)
 ==================  =====================================================================================
 
 The parent run gets ``ablation.md`` (per rung: mean ± sample standard deviation over the seeds, and the
@@ -90,8 +91,9 @@ class Rung:
 
 def ladder(loss: Any, decoder: Any = None) -> list[Rung]:
     """The rungs; ``loss`` (the base config's ``LossConfig``) gives the RAF weights of ``+raf`` and, when it
-    uses the word losses, their weight in a rung ``+words``; a rung ``+relations`` comes last when
-    ``decoder`` (the base config's ``DecoderConfig``) turns on the relation parts."""
+    uses the word losses, their weight in a rung ``+words``; rungs ``+relations`` and then ``+convex`` come
+    last when ``decoder`` (the base config's ``DecoderConfig``) turns on the relation parts or the convex
+    upsampling."""
     rungs = [
         Rung(
             "bce",
@@ -100,6 +102,7 @@ def ladder(loss: Any, decoder: Any = None) -> list[Rung]:
             (
                 *(f"model.decoder.{s}=false" for s in (*SWITCHES, *RELATION_SWITCHES)),
                 "model.decoder.head=convt",
+                "model.decoder.upsample=bilinear",
                 "loss.bce=1.0",
                 "loss.focal=0.0",
                 "loss.dice=0.0",
@@ -145,6 +148,15 @@ def ladder(loss: Any, decoder: Any = None) -> list[Rung]:
                 "relations",
                 "where the reference object lies, and attention biased by token offsets",
                 tuple(f"model.decoder.{s}=true" for s in relations),
+            )
+        )
+    if decoder is not None and decoder.upsample == "convex":
+        rungs.append(
+            Rung(
+                "+convex",
+                "convex",
+                "the logits upsampled by convex weights from the image's pixels",
+                ("model.decoder.upsample=convex",),
             )
         )
     return rungs

@@ -86,6 +86,10 @@ class DecoderConfig:
     # features (CRIS's text-to-pixel head) in place of CLIPSeg's last ConvT, the logits upsampled bilinearly,
     # so every pixel's score is a phrase-specific readout, never a phrase-free one
     head: str = "convt"
+    # how the text kernel's 1/4-resolution logits reach full resolution: "bilinear", or "convex" = each pixel a
+    # learned convex combination of the 3×3 coarse logits around it, the weights from the image's own
+    # pixels and conv-stem features (segvlm.layers.convex_upsample), so mask edges follow image edges
+    upsample: str = "bilinear"
     deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"
 
     def validate(self) -> None:
@@ -105,6 +109,12 @@ class DecoderConfig:
                     f"decoder.{switch} needs complex_transposed_convolution (it works on the 1/4-resolution "
                     "features after the first ConvT)"
                 )
+        if self.upsample not in ("bilinear", "convex"):
+            raise ConfigError(f"decoder.upsample must be 'bilinear' or 'convex', got {self.upsample!r}")
+        if self.upsample == "convex" and self.head != "text_kernel":
+            raise ConfigError(
+                "decoder.upsample='convex' needs head='text_kernel' (the head whose logits are coarse)"
+            )
         if self.deform_impl not in ("auto", "native", "torchvision"):
             raise ConfigError(
                 f"decoder.deform_impl must be 'auto', 'native' or 'torchvision', got {self.deform_impl!r}"

@@ -17,7 +17,8 @@ Per extracted layer i, deepest first (CLIPSeg)::
     x = relational(x, text)                          [relational_context] where the reference object lies
     x = refine(x, phrase)                            [deformable / se / residual]
     logits = head(x (+ stem))                        [stem_skip] after the first ConvT
-    logits = <head features, kernel(phrase)> + bias  [head="text_kernel"] at 1/4 resolution, then bilinear ×4
+    logits = <head features, kernel(phrase)> + bias  [head="text_kernel"] at 1/4 resolution, then ×4:
+                                                     bilinear, or [upsample="convex"] guided by the pixels
 
 ``SegDecoder.forward`` returns a :class:`DecoderOutput`: the logits and what the switches computed on the way
 (deformable offsets and modulation, the projector's similarity map, the relational context's reference
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from segvlm.config import ConfigError, DecoderConfig
 from segvlm.layers import (
+    ConvexUpsample,
     GatedCrossAttention,
     RelationalContext,
     RelativePositionBias,
@@ -198,7 +200,7 @@ class SegDecoder(nn.Module):
         cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
         (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
-        ``stem_proj``; relational_context → ``relational``; relative_position → ``rel_pos.{i}`` (one bias per
+        ``stem_proj``; upsample="convex" → ``upsampler``; relational_context → ``relational``; relative_position → ``rel_pos.{i}`` (one bias per
         decoder layer); ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4``
         (the one choice that removes a CLIPSeg parameter: the last ConvT).
     """
@@ -284,6 +286,10 @@ class SegDecoder(nn.Module):
             self.stem_proj = nn.Conv2d(stem_channels, d // 2, kernel_size=1)
             nn.init.zeros_(self.stem_proj.weight)
             nn.init.zeros_(self.stem_proj.bias)
+        # the text kernel's logits are at 1/4 resolution: ×4 back to the pixels
+        self.upsampler = (
+            ConvexUpsample(4, feature_channels=stem_channels or 0) if cfg.upsample == "convex" else None
+        )
 
     def forward(
         self,
@@ -294,6 +300,7 @@ class SegDecoder(nn.Module):
         image_size: tuple[int, int],
         stem_features: Tensor | None = None,
         image_index: Tensor | None = None,
+        pixel_values: Tensor | None = None,
     ) -> DecoderOutput:
         """Segmentation logits, one map per phrase, with the switches' intermediate maps.
 
@@ -308,6 +315,7 @@ class SegDecoder(nn.Module):
             image_index: B int64, phrase b's image row; None pairs phrase b with row b. The per-token
                 linear maps of the image features (``reduces``, ``stem_proj``) run once per image, before
                 the rows are gathered per phrase.
+            pixel_values: N×3×H×W input pixels (``cfg.upsample="convex"`` only: they guide the upsampling).
 
         Returns:
             :class:`DecoderOutput`: logits B×1×H×W, and ``offsets`` / ``modulation`` (deformable) and
@@ -364,6 +372,11 @@ class SegDecoder(nn.Module):
                 raise ValueError("decoder.stem_skip is on but no stem_features were given")
             skip = per_phrase(self.stem_proj(stem_features))  # B×D/2×H/4×W/4
         logits = self._head(x, skip, phrase)
+        if self.upsampler is not None and logits.shape[-2:] == (H // 4, W // 4):
+            if pixel_values is None:
+                raise ValueError("decoder.upsample='convex' needs the pixel_values")
+            weights = self.upsampler.weights(pixel_values, stem_features)  # once per image
+            logits = self.upsampler(logits, weights, image_index)
         if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return DecoderOutput(

@@ -93,6 +93,7 @@ class SegVLM(nn.Module):
             image_size=(pixel_values.shape[-2], pixel_values.shape[-1]),
             stem_features=feats.stem_features,
             image_index=feats.image_index,
+            pixel_values=pixel_values,
         )
         return SegVLMOutput(backbone=feats, decoder=out)
 

@@ -1,5 +1,6 @@
 """Building blocks of the SegVLM decoder, one concept per module (timm ``layers/`` style)."""
 
+from segvlm.layers.convex_upsample import ConvexUpsample, bilinear_corner_weights
 from segvlm.layers.create_act import QuickGELU, create_act, get_act_layer
 from segvlm.layers.create_norm import LayerNorm2d, create_norm, get_norm_layer, group_count
 from segvlm.layers.cross_attention import GatedCrossAttention, sincos_1d, sincos_2d
@@ -13,6 +14,7 @@ from segvlm.layers.squeeze_excite import SqueezeExcite
 from segvlm.layers.word_head import WordHead
 
 __all__ = [
+    "ConvexUpsample",
     "FiLM",
     "GatedCrossAttention",
     "LanguageConditionedDeformConv2d",
@@ -25,6 +27,7 @@ __all__ = [
     "SqueezeExcite",
     "TextImageProjector",
     "WordHead",
+    "bilinear_corner_weights",
     "create_act",
     "create_norm",
     "deform_conv2d",

@@ -36,12 +36,15 @@ def test_ladder_pure_helpers():
         "+text_kernel",
         "+words",  # the demo config trains with the word losses
         "+relations",  # ... and here turns the decoder's relation parts on
+        "+convex",  # ... and upsamples by convex weights
     ]
     no_words = ladder(dataclasses.replace(base.loss, words=0.0), base.model.decoder)
     assert [r.name for r in no_words] == [r.name for r in rungs if r.name != "+words"]
-    assert [r.name for r in ladder(base.loss)] == [r.name for r in rungs[:-1]]
+    assert [r.name for r in ladder(base.loss)] == [r.name for r in rungs[:-2]]
+    bilinear = dataclasses.replace(base.model.decoder, upsample="bilinear")
+    assert [r.name for r in ladder(base.loss, bilinear)] == [r.name for r in rungs[:-1]]
     assert select_rungs(rungs, "raf,bce") == [0, 1]
-    assert select_rungs(rungs, None) == list(range(9))
+    assert select_rungs(rungs, None) == list(range(10))
     with pytest.raises(SystemExit):
         select_rungs(rungs, "bce,+nope")
 
@@ -63,7 +66,9 @@ def test_ladder_pure_helpers():
             "relative_position",
         )
     )
-    assert bce.model.decoder.head == "convt" and bce.loss.words == 0.0
+    # the first rungs validate: the convex upsampling needs the text kernel, which they lack
+    assert bce.model.decoder.head == "convt" and bce.model.decoder.upsample == "bilinear"
+    assert bce.loss.words == 0.0
     assert (raf.loss.bce, raf.loss.focal, raf.loss.dice) == (1.0, 2.0, 1.0)
     assert raf.model.decoder == bce.model.decoder
     assert all(
@@ -71,9 +76,12 @@ def test_ladder_pure_helpers():
         for s in ("deformable", "residual", "se", "cross_attention", "projector")
     )
     assert full.model.decoder.head == "text_kernel" and full.loss.words > 0
+    index = {r.name: i for i, r in enumerate(rungs)}
     # +words changes the loss only: the word head belongs to the training task, not the model
-    assert cfg(len(rungs) - 3).model == cfg(len(rungs) - 2).model
+    assert cfg(index["+words"] - 1).model == cfg(index["+words"]).model
+    assert cfg(index["+relations"]).model.decoder.upsample == "bilinear"
     assert full.model.decoder.relational_context and full.model.decoder.relative_position
+    assert full.model.decoder.upsample == "convex"
     assert full.model.decoder == base.model.decoder and full.loss == base.loss
 
     # each rung adds exactly what its switch adds: the loss rung nothing, every module rung something

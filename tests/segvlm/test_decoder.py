@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
-from segvlm.config import DecoderConfig
+from segvlm.config import ConfigError, DecoderConfig
 from segvlm.decoder import SegDecoder
 
 SWITCHES = (
@@ -246,3 +246,31 @@ def test_bad_inputs_raise():
         dec(acts, *args, (128, 128))
     with pytest.raises(ValueError, match="activations"):
         dec(acts[:1], *args, (64, 64))
+
+
+def test_convex_upsampling_starts_as_bilinear_and_learns(clipseg_run):
+    """``upsample="convex"`` adds only ``upsampler.*``; at init its logits are the bilinear head's, and its
+    last conv gets gradient; it needs the text kernel and the pixels."""
+    model, inputs, _ = clipseg_run
+    kernel = dict(ALL_ON, head="text_kernel")
+    torch.manual_seed(0)
+    bilinear = build(model, **kernel)
+    convex = build(model, **kernel, upsample="convex")
+    added = set(convex.state_dict()) - set(bilinear.state_dict())
+    assert added and all(k.startswith("upsampler.") for k in added)
+    with torch.no_grad():  # as after some training: the text kernel's logits vary across the map
+        bilinear.stem_proj.weight.normal_(0, 0.5)
+    convex.load_state_dict(bilinear.state_dict(), strict=False)
+    stem = torch.randn(2, STEM_CHANNELS, 16, 16)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = bilinear(**inputs, stem_features=stem).logits
+    out = convex(**inputs, stem_features=stem, pixel_values=pixels).logits
+    assert out.shape == ref.shape == (2, 1, 64, 64) and ref.std() > 1e-3
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    out.square().mean().backward()
+    assert convex.upsampler.net[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pixel_values"):
+        convex(**inputs, stem_features=stem)
+    with pytest.raises(ConfigError, match="text_kernel"):
+        decoder_cfg(upsample="convex").validate()

@@ -1,5 +1,5 @@
 """Layers: SE by hand, native deformable conv == torchvision (values and gradients), init identities,
-registries."""
+registries, convex upsampling (bilinear at init, its corner layout, edges it learns)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from segvlm.layers import (
+    ConvexUpsample,
     FiLM,
     GatedCrossAttention,
     LanguageConditionedDeformConv2d,
@@ -19,6 +20,7 @@ from segvlm.layers import (
     ResidualRefinementBlock,
     SqueezeExcite,
     TextImageProjector,
+    bilinear_corner_weights,
     create_act,
     create_norm,
     deform_conv2d,
@@ -314,3 +316,79 @@ def test_relative_position_bias_depends_on_the_offset_only_and_starts_at_zero():
     # the MLP sees offsets normalised by the grid's side: key − query
     expected = bias.mlp(torch.tensor([[1 / 2, 2 / 3]])).flatten()
     torch.testing.assert_close(grid[:, index(0, 0), index(1, 2)], expected)
+
+
+# ------------------------------------------------------------------------------------ convex upsampling
+def test_bilinear_corner_weights_by_hand():
+    # ×2: the square's two output pixels per axis sit 1/4 and 3/4 of the way from its top-left centre
+    w = bilinear_corner_weights(2)  # corner (tl, tr, bl, br) × sy × sx
+    torch.testing.assert_close(w[:, 0, 0], torch.tensor([9, 3, 3, 1]) / 16)
+    torch.testing.assert_close(w[:, 1, 0], torch.tensor([3, 1, 9, 3]) / 16)
+    torch.testing.assert_close(bilinear_corner_weights(4).sum(0), torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_convex_upsample_starts_as_bilinear(scale):
+    torch.manual_seed(0)
+    up = ConvexUpsample(scale, feature_channels=5)
+    coarse = torch.randn(3, 1, 6, 5)
+    weights = up.weights(torch.randn(2, 3, 6 * scale, 5 * scale), torch.randn(2, 5, 6, 5))
+    assert weights.shape == (2, 4, scale, scale, 7, 6)  # one square between every two centres, and the border
+    out = up(coarse, weights, torch.tensor([1, 0, 1]))
+    ref = F.interpolate(coarse, scale_factor=scale, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="even scale"):
+        ConvexUpsample(3)
+
+
+def test_convex_upsample_layout_and_image_rows():
+    up = ConvexUpsample(2)
+    coarse = torch.arange(12.0).view(1, 1, 3, 4).repeat(3, 1, 1, 1)
+    one_hot = torch.zeros(2, 4, 2, 2, 4, 5)
+    one_hot[0, 3] = (
+        1  # image 0: every output pixel copies the cell below and right of it (bottom-right corner)
+    )
+    one_hot[1, 0] = 1  # image 1: the cell above and left (top-left corner)
+    out = up(coarse, one_hot, torch.tensor([1, 0, 1]))
+    c = coarse[0, 0]
+    # output pixel (y, x) lies in square ((y + 1) // 2, (x + 1) // 2), whose top-left corner is cell
+    # (y + 1) // 2 - 1 and bottom-right (y + 1) // 2, clamped to the grid (replicated border)
+    ys, xs = (torch.arange(6) + 1) // 2, (torch.arange(8) + 1) // 2
+    top_left = c[(ys - 1).clamp(0, 2)][:, (xs - 1).clamp(0, 3)]
+    bottom_right = c[ys.clamp(max=2)][:, xs.clamp(max=3)]
+    torch.testing.assert_close(out[0, 0], top_left)
+    torch.testing.assert_close(out[2, 0], top_left)
+    torch.testing.assert_close(out[1, 0], bottom_right)
+    torch.testing.assert_close(
+        up(coarse[:2], one_hot)[0, 0], bottom_right
+    )  # no image_index: row b is image b
+    with pytest.raises(ValueError, match="features"):
+        ConvexUpsample(2, feature_channels=3).weights(torch.randn(1, 3, 4, 4))
+
+
+def test_convex_upsample_learns_edges_that_bilinear_blurs():
+    # small discs; the coarse logits are their area-averaged masks (as a 1/4-resolution head would draw
+    # them). Fitted to the fine masks, the convex weights put each edge where the pixels have it; bilinear
+    # interpolation rounds the discs off and loses the thin ones
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    discs = ((10, 11, 4.5), (20, 17, 3.5), (15, 22, 5.5), (13, 9, 2.5))
+    fine = torch.stack([((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).float()[None] for cy, cx, r in discs])
+    pixels = fine.repeat(1, 3, 1, 1) * 2 - 1
+    coarse = torch.logit(F.avg_pool2d(fine, 4).clamp(0.02, 0.98))
+    up = ConvexUpsample(4, hidden=16)
+    opt = torch.optim.Adam(up.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = F.binary_cross_entropy_with_logits(up(coarse, up.weights(pixels)), fine)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def iou(logits: torch.Tensor) -> float:
+        pred, target = logits > 0, fine > 0
+        return ((pred & target).sum() / (pred | target).sum()).item()
+
+    with torch.no_grad():
+        convex = up(coarse, up.weights(pixels))
+    assert iou(F.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)) < 0.8
+    assert iou(convex) > 0.99
