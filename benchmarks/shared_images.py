@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             feats.text_mask,
             image_size=(size, size),
             stem_features=None if stem is None else stem.index_select(0, index),
+            pixel_values=pixels.index_select(0, index),
         ).logits
 
     def step(variant: tuple[int, bool]) -> float:

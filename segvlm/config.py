@@ -87,7 +87,7 @@ class DecoderConfig:
     # so every pixel's score is a phrase-specific readout, never a phrase-free one
     head: str = "convt"
     # how the text kernel's 1/4-resolution logits reach full resolution: "bilinear", or "convex" = each pixel a
-    # learned convex combination of the 3×3 coarse logits around it, the weights from the image's own
+    # learned convex combination of the four coarse logits around it, the weights from the image's own
     # pixels and conv-stem features (segvlm.layers.convex_upsample), so mask edges follow image edges
     upsample: str = "bilinear"
     deform_impl: str = "auto"  # "auto" (torchvision on CUDA, native on CPU) | "native" | "torchvision"

@@ -200,9 +200,9 @@ class SegDecoder(nn.Module):
         cross_attention → ``cross_attn.{i}`` after every decoder layer, and ``cross_attn_text``
         (Linear text_width → D) unless the projector supplies the tokens; projector → ``projector``;
         deformable / se / residual → ``refine`` (see :class:`ResidualRefinementBlock`); stem_skip →
-        ``stem_proj``; upsample="convex" → ``upsampler``; relational_context → ``relational``; relative_position → ``rel_pos.{i}`` (one bias per
+        ``stem_proj``; relational_context → ``relational``; relative_position → ``rel_pos.{i}`` (one bias per
         decoder layer); ``head="text_kernel"`` → ``text_kernel`` in place of ``transposed_convolution.4``
-        (the one choice that removes a CLIPSeg parameter: the last ConvT).
+        (the one choice that removes a CLIPSeg parameter: the last ConvT); upsample="convex" → ``upsampler``.
     """
 
     def __init__(
@@ -372,9 +372,12 @@ class SegDecoder(nn.Module):
                 raise ValueError("decoder.stem_skip is on but no stem_features were given")
             skip = per_phrase(self.stem_proj(stem_features))  # B×D/2×H/4×W/4
         logits = self._head(x, skip, phrase)
-        if self.upsampler is not None and logits.shape[-2:] == (H // 4, W // 4):
+        if self.upsampler is not None:  # the text kernel's 1/4-resolution logits ×4, guided by the pixels
             if pixel_values is None:
                 raise ValueError("decoder.upsample='convex' needs the pixel_values")
+            size = (logits.shape[-2] * 4, logits.shape[-1] * 4)  # (H, W) unless not multiples of the patch
+            if pixel_values.shape[-2:] != size:
+                pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
             weights = self.upsampler.weights(pixel_values, stem_features)  # once per image
             logits = self.upsampler(logits, weights, image_index)
         if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch

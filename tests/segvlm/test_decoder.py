@@ -189,9 +189,15 @@ def test_deformable_refinement_parts():
     assert plain == {"refine.conv.weight", "refine.conv.bias"}
 
 
-@pytest.mark.parametrize("size, grid", [((128, 128), 8), ((352, 352), 22), ((128, 96), None)])
-def test_output_shapes(size, grid):
-    cfg = DecoderConfig(reduce_dim=16, num_heads=2, intermediate_size=32, **ALL_ON)
+@pytest.mark.parametrize("head", ["convt", "text_kernel+convex"])
+@pytest.mark.parametrize(
+    "size, grid", [((128, 128), 8), ((352, 352), 22), ((128, 96), None), ((100, 100), 6)]
+)
+def test_output_shapes(size, grid, head):
+    """Logits at the input size, whatever the head, also when it is not a multiple of the patch (100 px:
+    6×6 tokens, the text kernel's logits 24×24, the conv stem's features 25×25)."""
+    kernel = {"head": "text_kernel", "upsample": "convex"} if head != "convt" else {}
+    cfg = DecoderConfig(reduce_dim=16, num_heads=2, intermediate_size=32, **ALL_ON, **kernel)
     dec = SegDecoder(
         cfg, vision_width=24, text_width=20, projection_dim=12, num_layers=2, patch_size=16, stem_channels=4
     )
@@ -209,6 +215,7 @@ def test_output_shapes(size, grid):
             torch.ones(b, 6, dtype=torch.bool),
             (H, W),
             torch.randn(b, 4, H // 4, W // 4),
+            pixel_values=torch.randn(b, 3, H, W),
         )
     assert out.logits.shape == (b, 1, H, W)
     assert out.offsets.shape == (b, 18, h, w)
