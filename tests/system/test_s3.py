@@ -232,8 +232,11 @@ def test_prepare_train_with_a_killed_worker_resumed_by_a_new_driver_and_eval_wit
         )
         torch.set_num_threads(2)
         single = evaluate(model, local_loader, threshold=report["threshold"]).metrics.compute()
+        # the same tasks, batched otherwise (2 workers × 5 against 1 × 3) on other thread counts: the logits
+        # differ in their last bits (~1e-6), and a probability on one of the metrics' thresholds may flip
+        # sides. A task lost or scored twice would move these by ~1e-2 (one of 46 tasks); counts are exact
         for key in ("official/mean_iou", "official/cum_iou", "official/count", "clipseg/ap"):
-            assert report[key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), key
+            assert report[key] == pytest.approx(single[key], rel=1e-4), key
         task_ids = set(load_manifest(root / "test").column("task_id").to_pylist())
         with storage.local_copy(aws.uri("runs", "s3run", "pngs")) as pngs:
             assert {p.stem for p in pngs.glob("*.png")} == task_ids
