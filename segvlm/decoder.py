@@ -375,9 +375,14 @@ class SegDecoder(nn.Module):
         if self.upsampler is not None:  # the text kernel's 1/4-resolution logits ×4, guided by the pixels
             if pixel_values is None:
                 raise ValueError("decoder.upsample='convex' needs the pixel_values")
-            size = (logits.shape[-2] * 4, logits.shape[-1] * 4)  # (H, W) unless not multiples of the patch
-            if pixel_values.shape[-2:] != size:
-                pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+            grid = logits.shape[-2:]  # H/4 × W/4 unless H, W are not multiples of the patch: then resize
+            s = self.upsampler.scale
+            if pixel_values.shape[-2:] != (grid[0] * s, grid[1] * s):
+                pixel_values = F.interpolate(
+                    pixel_values, size=(grid[0] * s, grid[1] * s), mode="bilinear", align_corners=False
+                )
+            if stem_features is not None and stem_features.shape[-2:] != grid:
+                stem_features = F.interpolate(stem_features, size=grid, mode="bilinear", align_corners=False)
             weights = self.upsampler.weights(pixel_values, stem_features)  # once per image
             logits = self.upsampler(logits, weights, image_index)
         if logits.shape[-2:] != (H, W):  # text kernel (1/4 resolution), or H, W not multiples of the patch

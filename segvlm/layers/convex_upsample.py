@@ -74,14 +74,12 @@ class ConvexUpsample(nn.Module):
         if self.feature_channels:
             if features is None or features.shape[1] != self.feature_channels:
                 raise ValueError(f"convex upsampling expects N×{self.feature_channels}×h×w features")
-            # a square's features: the mean of its four cells' (replicated at the border)
-            if features.shape[-2:] != (guide.shape[-2] - 1, guide.shape[-1] - 1):  # a grid off by rounding
-                features = F.interpolate(
-                    features,
-                    size=(guide.shape[-2] - 1, guide.shape[-1] - 1),
-                    mode="bilinear",
-                    align_corners=False,
+            if features.shape[-2:] != (guide.shape[-2] - 1, guide.shape[-1] - 1):
+                raise ValueError(
+                    f"convex upsampling: features {tuple(features.shape[-2:])} are not on the grid of pixels "
+                    f"{tuple(pixels.shape[-2:])} / {s}"
                 )
+            # a square's features: the mean of its four cells' (replicated at the border)
             f = F.pad(features, (1, 1, 1, 1), mode="replicate")
             features = (f[..., :-1, :-1] + f[..., :-1, 1:] + f[..., 1:, :-1] + f[..., 1:, 1:]) / 4
             guide = torch.cat((guide, features.to(guide.dtype)), dim=1)

@@ -364,6 +364,8 @@ def test_convex_upsample_layout_and_image_rows():
     )  # no image_index: row b is image b
     with pytest.raises(ValueError, match="features"):
         ConvexUpsample(2, feature_channels=3).weights(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="not on the grid"):
+        ConvexUpsample(2, feature_channels=3).weights(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 3, 3))
 
 
 def test_convex_upsample_learns_edges_that_bilinear_blurs():
